@@ -1,0 +1,79 @@
+"""Autograd formulas of the DFA ops (method.md section 4).  Each backward is itself a custom op
+(dfa::*_backward) so it runs fused and traces under torch.compile; gradients are computed only for
+the inputs that need them.  ``margins`` are fixed buffers (OFD margins from the teacher's BN) and
+get no gradient."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _any(flags) -> bool:
+    return any(flags) if isinstance(flags, (list, tuple)) else bool(flags)
+
+
+def _feature_grads(grads, needs):
+    """Per-feature gradients, None where a map does not require grad (or none were computed)."""
+    if not grads:
+        return [None] * len(needs)
+    return [g if need else None for g, need in zip(grads, needs)]
+
+
+def _or_none(t: torch.Tensor, need: bool):
+    return t if need else None
+
+
+# aggregate(features, beta, margins) --------------------------------------------------------------
+
+def _aggregate_setup(ctx, inputs, output):
+    features, beta, margins = inputs
+    ctx.num_features = len(features)
+    ctx.save_for_backward(beta, margins, *features)
+
+
+def _aggregate_backward(ctx, grad):
+    beta, margins, *features = ctx.saved_tensors
+    need_features, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_beta, grad_features = torch.ops.dfa.aggregate_backward(
+        grad, features, beta, margins, [need_beta, _any(need_features)])
+    return _feature_grads(grad_features, need_features), _or_none(grad_beta, need_beta), None
+
+
+# bridge_st_loss_forward(student, features, beta, eps) -> (loss, stats) ---------------------------
+
+def _bridge_setup(ctx, inputs, output):
+    student, features, beta, eps = inputs
+    _, stats = output
+    ctx.eps = eps
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(student, beta, stats, *features)
+
+
+def _bridge_backward(ctx, grad_loss, _grad_stats):
+    student, beta, stats, *features = ctx.saved_tensors
+    need_student, need_features, need_beta = ctx.needs_input_grad[:3]
+    grad_student, grad_beta, grad_features = torch.ops.dfa.bridge_st_loss_backward(
+        grad_loss, student, features, beta, stats, ctx.eps, [need_student, need_beta, _any(need_features)])
+    return (_or_none(grad_student, need_student), _feature_grads(grad_features, need_features),
+            _or_none(grad_beta, need_beta), None)
+
+
+# partial_l2(student, features, beta, margins) ----------------------------------------------------
+
+def _partial_l2_setup(ctx, inputs, output):
+    student, features, beta, margins = inputs
+    ctx.save_for_backward(student, beta, margins, *features)
+
+
+def _partial_l2_backward(ctx, grad):
+    student, beta, margins, *features = ctx.saved_tensors
+    need_student, need_features, need_beta = ctx.needs_input_grad[:3]
+    grad_student, grad_beta, grad_features = torch.ops.dfa.partial_l2_backward(
+        grad, student, features, beta, margins, [need_student, need_beta, _any(need_features)])
+    return (_or_none(grad_student, need_student), _feature_grads(grad_features, need_features),
+            _or_none(grad_beta, need_beta), None)
+
+
+torch.library.register_autograd("dfa::aggregate", _aggregate_backward, setup_context=_aggregate_setup)
+torch.library.register_autograd("dfa::bridge_st_loss_forward", _bridge_backward, setup_context=_bridge_setup)
+torch.library.register_autograd("dfa::partial_l2", _partial_l2_backward, setup_context=_partial_l2_setup)

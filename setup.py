@@ -1,0 +1,96 @@
+"""Build script for dfa_ext's native kernels.
+
+CPU kernels are always built.  CUDA kernels (csrc/cuda/*.cu, when present) are built when
+CUDA_HOME points at a toolkit and either a GPU is visible or FORCE_CUDA=1; FORCE_CPU=1 skips them.
+With no GPU visible, TORCH_CUDA_ARCH_LIST defaults to DEFAULT_CUDA_ARCHS.  Set MAX_JOBS to bound
+parallel compile jobs and DFA_DEBUG=1 for an unoptimised build with symbols.
+
+    pip install --no-build-isolation -e .        # uses the torch already installed
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME as TORCH_CUDA_HOME
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Turing through Hopper, plus PTX so newer GPUs can JIT the kernels.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_home() -> str | None:
+    """The CUDA toolkit root: $CUDA_HOME, else /usr/local/cuda, else what torch guessed.
+
+    torch's own guess follows `which nvcc`, which is wrong when nvcc is a wrapper script outside
+    the toolkit, so an explicit or standard location wins.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", TORCH_CUDA_HOME):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    return None
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def _extension():
+    cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/common/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    debug = _flag("DFA_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare"]
+    cuda_home = _cuda_home()
+    gpu_visible = torch.cuda.is_available()
+    build_cuda = (
+        bool(cuda_sources)
+        and not _flag("FORCE_CPU")
+        and cuda_home is not None
+        and torch.version.cuda is not None
+        and (gpu_visible or _flag("FORCE_CUDA"))
+    )
+    if build_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        import torch.utils.cpp_extension as cpp_extension
+
+        cpp_extension.CUDA_HOME = cuda_home  # torch reads its module-level guess when building
+        if not gpu_visible and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        nvcc_flags = opt + ["-lineinfo", "--threads", "2"]
+        ext = CUDAExtension(
+            "dfa_ext._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DDFA_WITH_CUDA"], "nvcc": nvcc_flags + ["-DDFA_WITH_CUDA"]},
+        )
+        built = f"cpu + cuda (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})"
+    else:
+        ext = CppExtension("dfa_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        if not cuda_sources:
+            why = "no CUDA sources in csrc/cuda"
+        elif _flag("FORCE_CPU"):
+            why = "FORCE_CPU=1"
+        elif cuda_home is None or torch.version.cuda is None:
+            why = "no CUDA toolkit or a CPU-only torch"
+        else:
+            why = "no GPU visible; set FORCE_CUDA=1 to build them anyway"
+        built = f"cpu only ({why})"
+    print(f"dfa_ext: building kernels: {built}", file=sys.stderr)
+    return ext
+
+
+setup(
+    packages=find_packages(include=["dfa_ext", "dfa_ext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
