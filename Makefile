@@ -1,0 +1,47 @@
+# One-command entry points (see README):  make demo  |  make test  |  make bench
+# Each creates the virtual environment and builds the extension first when needed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+# The CUDA toolkit root (torch otherwise guesses it from `which nvcc`, wrongly when nvcc is a
+# wrapper script), a bounded number of compile jobs, and the GPU arch when none is visible.
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+
+CSRC := $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup build demo test test-python test-cpp bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/dev.txt pyproject.toml setup.py setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements/dev.txt
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@ $(VENV)/.built
+
+# Recompiles only what changed in csrc/ since the last build.
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.installed $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+demo: build
+	$(PY) -m dfa_ext.demo
+
+test: test-python test-cpp
+
+test-python: build
+	$(PY) -m pytest python_tests
+
+test-cpp: build
+	PYTHON=$(PY) bash cpp_tests/run.sh
+
+bench: build
+	$(PY) bench/bench_ops.py
+
+clean:
+	rm -rf build dfa_ext/_C*.so *.egg-info

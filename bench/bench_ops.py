@@ -1,0 +1,119 @@
+"""Benchmark of the fused DFA ops against the pure-PyTorch reference, eager and torch.compile'd.
+
+For each op, shape and dtype it times forward + backward on the same inputs for: the fused op
+(dfa_ext.ops), the reference in eager mode and the reference under torch.compile, and prints a
+Markdown table with the median time, the fused op's speed-up over both, the achieved bandwidth of
+each (bytes a minimal fused implementation must move, divided by time) against a copy measured in
+the same run, and the peak memory each allocates beyond its inputs.
+
+Gradients are taken where the method needs them: beta for aggregate (the search's teacher-to-
+student path), student and beta for bridge_st_loss and partial_l2; teacher maps never need grad.
+
+    python bench/bench_ops.py                       # CPU, float32, the issue's shapes
+    python bench/bench_ops.py --device cuda --dtypes float32 bfloat16 --shapes 256x256x32x32x8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dfa_ext  # noqa: E402
+from dfa_ext import ops, reference  # noqa: E402
+from harness import copy_bandwidth, markdown_table, median_time, peak_extra_bytes  # noqa: E402
+
+DEFAULT_SHAPES = ["64x64x16x16x6", "128x128x8x8x9"]  # B x C x H x W x K
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int, int]:
+    b, c, h, w, k = (int(v) for v in text.lower().split("x"))
+    return b, c, h, w, k
+
+
+def make_case(op: str, shape, dtype, device, margins: bool):
+    """Inputs and the forward+backward step for each implementation of one op."""
+    b, c, h, w, k = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    features = [torch.randn(b, c, h, w, generator=gen).to(device, dtype) for _ in range(k)]
+    beta = torch.randn(k, generator=gen).to(device).requires_grad_()
+    student = torch.randn(b, c, h, w, generator=gen).to(device, dtype).requires_grad_()
+    m = (0.5 * torch.randn(k, c, generator=gen) - 1).to(device) if margins else None
+    grad_map = torch.randn(b, c, h, w, generator=gen).to(device, dtype)
+    grad_loss = torch.rand(b, generator=gen).to(device)
+
+    if op == "aggregate":
+        args, wrt, grad = (features, beta, m), [beta], grad_map
+        maps_moved = 2 * (k + 1)  # fwd: K in + 1 out; bwd: grad + K maps in
+    elif op == "bridge_st_loss":
+        args, wrt, grad = (student, features, beta), [student, beta], grad_loss
+        maps_moved = 2 * (k + 1) + 1  # fwd: K + s in; bwd: K + s in, ds out
+    else:
+        args, wrt, grad = (student, features, beta, m), [student, beta], grad_loss
+        maps_moved = 2 * (k + 1) + 1
+    nbytes = maps_moved * features[0].numel() * features[0].element_size()
+
+    def step(fn: Callable) -> Callable[[], object]:
+        def run():
+            out = fn(*args)
+            return torch.autograd.grad(out, wrt, grad)
+        return run
+
+    ref_fn = getattr(reference, op)
+    compiled = torch.compile(ref_fn, dynamic=False, fullgraph=True)
+    return {"fused": step(getattr(ops, op)), "eager": step(ref_fn), "compiled": step(compiled)}, nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxCxHxWxK")
+    parser.add_argument("--ops", nargs="+", default=["aggregate", "bridge_st_loss", "partial_l2"])
+    parser.add_argument("--no-margins", action="store_true", help="aggregate/partial_l2 without margins")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--markdown", help="also write the table to this file")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    copy_bps = copy_bandwidth(device)
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    header = ["op", "shape BxCxHxWxK", "dtype", "fused ms", "eager ms", "compiled ms", "vs eager", "vs compiled",
+              "fused GB/s", "% of copy", "compiled GB/s", "fused extra MB", "eager extra MB", "compiled extra MB"]
+    rows = []
+    for op in args.ops:
+        for shape_text in args.shapes:
+            shape = parse_shape(shape_text)
+            for dtype_name in args.dtypes:
+                dtype = getattr(torch, dtype_name)
+                impls, nbytes = make_case(op, shape, dtype, device, margins=not args.no_margins)
+                secs = {name: median_time(fn, device, repeats=args.repeats) for name, fn in impls.items()}
+                extra = {name: peak_extra_bytes(fn, device) / 2**20 for name, fn in impls.items()}
+                rows.append([
+                    op, shape_text, dtype_name,
+                    f"{secs['fused'] * 1e3:.2f}", f"{secs['eager'] * 1e3:.2f}", f"{secs['compiled'] * 1e3:.2f}",
+                    f"{secs['eager'] / secs['fused']:.2f}x", f"{secs['compiled'] / secs['fused']:.2f}x",
+                    f"{nbytes / secs['fused'] / 1e9:.1f}", f"{100 * nbytes / secs['fused'] / copy_bps:.0f}%",
+                    f"{nbytes / secs['compiled'] / 1e9:.1f}",
+                    f"{extra['fused']:.1f}", f"{extra['eager']:.1f}", f"{extra['compiled']:.1f}",
+                ])
+                print(" ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
+    title = (f"Forward+backward on {where}; torch {torch.__version__}, dfa_ext {dfa_ext.__version__}; "
+             f"copy bandwidth {copy_bps / 1e9:.1f} GB/s (read+write, same run).")
+    table = markdown_table(header, rows)
+    print(title + "\n\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(title + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Timing, bandwidth and memory helpers shared by the dfa_ext benchmarks.
+
+Times are medians over repeated runs after warm-up; on CUDA the device is synchronised around
+each run.  Achieved bandwidth is compared with a device-local copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 15,
+                min_seconds: float = 0.5) -> float:
+    """Median wall time of fn() in seconds (at least `repeats` runs, more until min_seconds)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Achieved bytes/s of dst.copy_(src) (bytes read + bytes written) for an nbytes buffer."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device)
+    return 2 * nbytes / seconds
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated during fn() above what was allocated before it (outputs included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    # CPU: replay every allocation and free the profiler saw, in time order.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == torch._C._profiler._EventType.Allocation:
+            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    running = peak = 0
+    for _, size in sorted(sizes):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
