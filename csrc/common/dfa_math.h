@@ -33,7 +33,8 @@ DFA_HOST_DEVICE acc_t margin_relu_pass(acc_t x, acc_t m) {
 // 0/1 weight (not a select) keeps NaN propagating through (s - t)^2 * mask.
 template <typename acc_t>
 DFA_HOST_DEVICE acc_t partial_l2_mask(acc_t s, acc_t t) {
-  return (s > t || t > acc_t(0)) ? acc_t(1) : acc_t(0);
+  // Bitwise | (not ||) keeps the expression branch-free so loops over it vectorise.
+  return static_cast<acc_t>((s > t) | (t > acc_t(0)));
 }
 
 // alpha = softmax(beta) over K entries, max-shifted so |beta| = 80 or more cannot overflow.

@@ -18,6 +18,18 @@ inline void load(const T* __restrict x, A* __restrict out, int64_t L) {
   for (int64_t i = 0; i < L; ++i) out[i] = static_cast<A>(x[i]);
 }
 
+// The block as accumulation-type values: the map itself when it already has that type (no copy),
+// else a converted copy in `tmp`.
+template <typename T, typename A>
+inline const A* view(const T* x, A* tmp, int64_t L) {
+  if constexpr (std::is_same_v<T, A>) {
+    return x;
+  } else {
+    load(x, tmp, L);
+    return tmp;
+  }
+}
+
 // Splits the block of flat offsets [g0, g0 + L) into runs over which the channel is constant
 // (NCHW-like layouts: fn(..., std::false_type)) or rises by one per element (channels innermost:
 // fn(..., std::true_type)), so margin lookups inside a run vectorise.
@@ -43,14 +55,15 @@ inline void for_each_channel_run(int64_t g0, int64_t L, int64_t C, int64_t inner
   }
 }
 
-// out = sigma_m(x) for one feature map's block (plain conversion when m is null).
+// sigma_m(x) for one feature map's block: the map itself when m is null and no conversion is
+// needed, else computed into `tmp`.
 template <typename T, typename A>
-inline void load_sigma(const MapJob<T>& job, const T* __restrict x, A* __restrict out, int64_t g0, int64_t L,
-                       const A* m) {
-  if (m == nullptr) return load(x, out, L);
+inline const A* view_sigma(const MapJob<T>& job, const T* __restrict x, A* __restrict tmp, int64_t g0, int64_t L,
+                           const A* m) {
+  if (m == nullptr) return view(x, tmp, L);
   for_each_channel_run(g0, L, job.C, job.inner, [&](int64_t i0, int64_t len, int64_t c, auto per_element) {
     const T* __restrict xs = x + i0;
-    A* __restrict o = out + i0;
+    A* __restrict o = tmp + i0;
     if constexpr (decltype(per_element)::value) {
       const A* __restrict mr = m + c;
       for (int64_t t = 0; t < len; ++t) o[t] = math::margin_relu(static_cast<A>(xs[t]), mr[t]);
@@ -59,6 +72,7 @@ inline void load_sigma(const MapJob<T>& job, const T* __restrict x, A* __restric
       for (int64_t t = 0; t < len; ++t) o[t] = math::margin_relu(static_cast<A>(xs[t]), mv);
     }
   });
+  return tmp;
 }
 
 // dL/dT_j for one block: out = scale * g * [x >= m] (no mask when m is null).
@@ -102,12 +116,12 @@ inline const acc_type<T>* margin_row(const MapJob<T>& job, int j) {
 template <typename T, typename A>
 inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __restrict out, A* __restrict tmp) {
   for (int j = 0; j < job.K; ++j) {
-    load_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
+    const A* __restrict x = view_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
     const A a = job.alpha[j];
     if (j == 0) {
-      for (int64_t i = 0; i < L; ++i) out[i] = a * tmp[i];
+      for (int64_t i = 0; i < L; ++i) out[i] = a * x[i];
     } else {
-      for (int64_t i = 0; i < L; ++i) out[i] += a * tmp[i];
+      for (int64_t i = 0; i < L; ++i) out[i] += a * x[i];
     }
   }
 }
@@ -129,9 +143,13 @@ void aggregate_forward(const MapJob<T>& job, T* out, int64_t begin, int64_t end)
   using A = acc_type<T>;
   A agg[kBlock], tmp[kBlock];
   for_each_block(job, begin, end, [&](int64_t, int64_t, int64_t off, int64_t L) {
-    aggregate_block(job, off, L, agg, tmp);
-    T* __restrict o = out + off;
-    for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(agg[i]);
+    if constexpr (std::is_same_v<T, A>) {
+      aggregate_block(job, off, L, out + off, tmp);  // accumulate in place: no staging copy
+    } else {
+      aggregate_block(job, off, L, agg, tmp);
+      T* __restrict o = out + off;
+      for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(agg[i]);
+    }
   });
 }
 
@@ -139,13 +157,13 @@ template <typename T>
 void aggregate_backward(const MapJob<T>& job, const T* grad, T* const* grad_features, double* partials,
                         int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A g[kBlock], tmp[kBlock];
+  A gbuf[kBlock], tmp[kBlock];
   for_each_block(job, begin, end, [&](int64_t item, int64_t, int64_t off, int64_t L) {
-    load(grad + off, g, L);
+    const A* g = view(grad + off, gbuf, L);
     for (int j = 0; j < job.K; ++j) {
       if (partials != nullptr) {
-        load_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
-        partials[item * job.K + j] += dot(g, tmp, L);
+        const A* x = view_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
+        partials[item * job.K + j] += dot(g, x, L);
       }
       if (grad_features != nullptr)
         store_feature_grad(job, job.features[j] + off, g, job.alpha[j], grad_features[j] + off, off, L,
@@ -157,23 +175,35 @@ void aggregate_backward(const MapJob<T>& job, const T* grad, T* const* grad_feat
 template <typename T>
 void bridge_forward(const MapJob<T>& job, const T* student, double* partials, int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A s[kBlock], agg[kBlock], tmp[kBlock];
+  A sbuf[kBlock], agg[kBlock], tmp[kBlock];
   const int K = job.K;
   for_each_block(job, begin, end, [&](int64_t item, int64_t, int64_t off, int64_t L) {
     double* acc = partials + item * (2 * K + 1);
-    load(student + off, s, L);
-    aggregate_block(job, off, L, agg, tmp);
+    const A* __restrict s = view(student + off, sbuf, L);
     acc[0] += dot(s, s, L);
+    // First pass: A and <s, T_j> together; second pass (maps now cache-hot): <A, T_j>.
     for (int j = 0; j < K; ++j) {
-      load(job.features[j] + off, tmp, L);
-      A st = 0, at = 0;
-#pragma omp simd reduction(+ : st, at)
-      for (int64_t i = 0; i < L; ++i) {
-        st += s[i] * tmp[i];
-        at += agg[i] * tmp[i];
+      const A* __restrict x = view(job.features[j] + off, tmp, L);
+      const A a = job.alpha[j];
+      A st = 0;
+      if (j == 0) {
+#pragma omp simd reduction(+ : st)
+        for (int64_t i = 0; i < L; ++i) {
+          agg[i] = a * x[i];
+          st += s[i] * x[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : st)
+        for (int64_t i = 0; i < L; ++i) {
+          agg[i] += a * x[i];
+          st += s[i] * x[i];
+        }
       }
       acc[1 + j] += st;
-      acc[1 + K + j] += at;
+    }
+    for (int j = 0; j < K; ++j) {
+      const A* __restrict x = view(job.features[j] + off, tmp, L);
+      acc[1 + K + j] += dot(agg, x, L);
     }
   });
 }
@@ -182,10 +212,10 @@ template <typename T>
 void bridge_backward(const MapJob<T>& job, const T* student, const acc_type<T>* terms, T* grad_student,
                      T* const* grad_features, int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A s[kBlock], agg[kBlock], tmp[kBlock];
+  A sbuf[kBlock], agg[kBlock], tmp[kBlock];
   for_each_block(job, begin, end, [&](int64_t, int64_t b, int64_t off, int64_t L) {
     const A cs = terms[4 * b], ca = terms[4 * b + 1], ea = terms[4 * b + 2], es = terms[4 * b + 3];
-    load(student + off, s, L);
+    const A* __restrict s = view(student + off, sbuf, L);
     aggregate_block(job, off, L, agg, tmp);
     if (grad_student != nullptr) {
       T* __restrict o = grad_student + off;
@@ -193,7 +223,11 @@ void bridge_backward(const MapJob<T>& job, const T* student, const acc_type<T>* 
     }
     if (grad_features != nullptr) {
       for (int64_t i = 0; i < L; ++i) tmp[i] = ea * agg[i] + es * s[i];  // dL/dA
-      for (int j = 0; j < job.K; ++j) store_feature_grad<T, A>(job, nullptr, tmp, job.alpha[j], grad_features[j] + off, off, L, nullptr);
+      for (int j = 0; j < job.K; ++j) {
+        T* __restrict o = grad_features[j] + off;
+        const A a = job.alpha[j];
+        for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(a * tmp[i]);
+      }
     }
   });
 }
@@ -201,9 +235,9 @@ void bridge_backward(const MapJob<T>& job, const T* student, const acc_type<T>* 
 template <typename T>
 void partial_l2_forward(const MapJob<T>& job, const T* student, double* partials, int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A s[kBlock], t[kBlock], tmp[kBlock];
+  A sbuf[kBlock], t[kBlock], tmp[kBlock];
   for_each_block(job, begin, end, [&](int64_t item, int64_t, int64_t off, int64_t L) {
-    load(student + off, s, L);
+    const A* __restrict s = view(student + off, sbuf, L);
     aggregate_block(job, off, L, t, tmp);
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -219,10 +253,10 @@ template <typename T>
 void partial_l2_backward(const MapJob<T>& job, const T* student, const acc_type<T>* grad, T* grad_student,
                          T* const* grad_features, double* partials, int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A s[kBlock], e[kBlock], tmp[kBlock];
+  A sbuf[kBlock], e[kBlock], tmp[kBlock];
   for_each_block(job, begin, end, [&](int64_t item, int64_t b, int64_t off, int64_t L) {
     const A gb = grad[b];
-    load(student + off, s, L);
+    const A* __restrict s = view(student + off, sbuf, L);
     aggregate_block(job, off, L, e, tmp);
     for (int64_t i = 0; i < L; ++i) e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]);
     if (grad_student != nullptr) {
@@ -231,8 +265,8 @@ void partial_l2_backward(const MapJob<T>& job, const T* student, const acc_type<
     }
     for (int j = 0; j < job.K; ++j) {
       if (partials != nullptr) {
-        load_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
-        partials[item * job.K + j] += dot(e, tmp, L);
+        const A* x = view_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
+        partials[item * job.K + j] += dot(e, x, L);
       }
       if (grad_features != nullptr)
         store_feature_grad(job, job.features[j] + off, e, -gb * job.alpha[j], grad_features[j] + off, off, L,
