@@ -1,7 +1,9 @@
 // The one place where the DFA op schemas are defined (namespace `dfa`, so torch.ops.dfa.<name>).
 // Device kernels register themselves in cpu/ and cuda/; fake (meta) kernels and the autograd
 // formulas are registered from Python (dfa_ext/_fake.py, dfa_ext/_autograd.py).
+#ifndef DFA_NO_PYTHON_MODULE  // defined by the CMake build (CMakeLists.txt), which has no Python module
 #include <Python.h>
+#endif
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -47,6 +49,7 @@ TORCH_LIBRARY(dfa, m) {
 
 }  // namespace dfa
 
+#ifndef DFA_NO_PYTHON_MODULE
 // `import dfa_ext._C` loads this library so the registrations above run; it exposes no Python API
 // of its own (ops are reached through torch.ops.dfa).
 extern "C" PyObject* PyInit__C(void) {
@@ -54,3 +57,4 @@ extern "C" PyObject* PyInit__C(void) {
                                       nullptr};
   return PyModule_Create(&module);
 }
+#endif  // DFA_NO_PYTHON_MODULE
