@@ -1,0 +1,208 @@
+"""Shared helpers of the dfa_ext test suite: input builders, memory layouts, op calls and gradients.
+
+Every test compares the fused ops (:mod:`dfa_ext.ops`) against the pure-PyTorch reference
+(:mod:`dfa_ext.reference`); both modules have the same call signatures, so :func:`call` takes either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from types import ModuleType
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from dfa_ext import ops, reference
+
+OPS: Tuple[str, ...] = ("aggregate", "bridge_st_loss", "partial_l2")
+MARGIN_OPS: Tuple[str, ...] = ("aggregate", "partial_l2")  # the ops that take margins
+STUDENT_OPS: Tuple[str, ...] = ("bridge_st_loss", "partial_l2")  # the ops that take a student
+
+# Memory layouts a map can be given in.  "sliced" is a view with step 2 along the last dim and
+# "permuted" a dense view whose dim order is neither contiguous nor channels_last.
+LAYOUTS: Tuple[str, ...] = ("contiguous", "channels_last", "channels_last_3d", "sliced", "permuted")
+
+F64 = dict(rtol=1e-10, atol=1e-10)  # float64 fused vs float64 reference
+
+
+def margin_options(name: str) -> Tuple[bool, ...]:
+    """(False, True) for the ops that take margins, (False,) for bridge_st_loss."""
+    return (False, True) if name in MARGIN_OPS else (False,)
+
+
+# Every (op, margins) combination, and a short test id for it.
+OP_MARGINS: List[Tuple[str, bool]] = [(name, m) for name in OPS for m in margin_options(name)]
+
+
+def op_id(name: str, margins: bool) -> str:
+    return f"{name}-{'m' if margins else 'nom'}"
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The arguments of one call: a student map, K feature maps, beta [K] and optional margins [K, C]."""
+
+    student: torch.Tensor
+    features: List[torch.Tensor]
+    beta: torch.Tensor
+    margins: Optional[torch.Tensor]
+
+    def leaves(self) -> List[torch.Tensor]:
+        """All tensors that may take a gradient: student, beta, then the features."""
+        return [self.student, self.beta, *self.features]
+
+
+def seed_of(*parts: object) -> int:
+    """A stable seed derived from a test's parameters (unlike hash(), the same in every run)."""
+    return zlib.crc32(repr(parts).encode()) % 100_000
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Returns a tensor equal to ``t`` stored in ``layout`` (see :data:`LAYOUTS`)."""
+    t = t.detach()
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        assert t.dim() == 4
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last_3d":
+        assert t.dim() == 5
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "sliced":
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        big[..., ::2] = t
+        view = big[..., ::2]
+        assert not view.is_contiguous()
+        return view
+    if layout == "permuted":
+        # storage order (C, B, last, ..., 2): a transpose then a permute of a contiguous buffer
+        order = [1, 0] + list(range(t.dim() - 1, 1, -1))
+        buf = torch.empty([t.shape[d] for d in order], dtype=t.dtype)
+        view = buf.permute([order.index(d) for d in range(t.dim())])
+        view.copy_(t)
+        assert view.shape == t.shape and not view.is_contiguous()
+        if t.dim() == 4:
+            assert not view.is_contiguous(memory_format=torch.channels_last)
+        return view
+    raise ValueError(layout)
+
+
+def randn(shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Standard normal values drawn in float64 (so every dtype sees the same numbers), cast to dtype."""
+    return torch.randn(list(shape), generator=gen, dtype=torch.float64).to(dtype)
+
+
+def make_inputs(shape: Sequence[int], k: int, *, dtype: torch.dtype = torch.float64, layout: str = "contiguous",
+                student_layout: Optional[str] = None, margins: bool = False,
+                beta_dtype: Optional[torch.dtype] = None, seed: int = 0,
+                requires_grad: Sequence[str] = ("student", "beta", "features")) -> Inputs:
+    """Random inputs of one call.
+
+    Maps are standard normal; margins are drawn from the same distribution as the maps, so elements
+    fall on both sides of their margin.  ``requires_grad`` names the leaves that require grad
+    ("student", "beta", "features", or "features[j]" for single maps).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    student_layout = layout if student_layout is None else student_layout
+
+    def leaf(t: torch.Tensor, name: str) -> torch.Tensor:
+        return t.detach().requires_grad_(name in requires_grad)
+
+    features = [leaf(to_layout(randn(shape, gen, dtype), layout),
+                     "features" if "features" in requires_grad else f"features[{j}]") for j in range(k)]
+    student = leaf(to_layout(randn(shape, gen, dtype), student_layout), "student")
+    beta = leaf(randn([k], gen, beta_dtype or dtype), "beta")
+    m = randn([k, shape[1]], gen, dtype) if margins else None
+    return Inputs(student, features, beta, m)
+
+
+def call(impl: ModuleType, name: str, inp: Inputs) -> torch.Tensor:
+    """Calls op ``name`` of ``impl`` (dfa_ext.ops or dfa_ext.reference) on ``inp``."""
+    if name == "aggregate":
+        return impl.aggregate(inp.features, inp.beta, inp.margins)
+    if name == "bridge_st_loss":
+        assert inp.margins is None, "bridge_st_loss takes no margins"
+        return impl.bridge_st_loss(inp.student, inp.features, inp.beta)
+    if name == "partial_l2":
+        return impl.partial_l2(inp.student, inp.features, inp.beta, inp.margins)
+    raise ValueError(name)
+
+
+def grad_leaves(name: str, inp: Inputs) -> List[torch.Tensor]:
+    """The inputs of op ``name`` that require grad (the student only for ops that take one)."""
+    leaves = ([inp.student] if name in STUDENT_OPS else []) + [inp.beta, *inp.features]
+    return [t for t in leaves if t.requires_grad]
+
+
+def upstream_like(out: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """A random upstream gradient of ``out``'s shape, dtype and strides."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.empty_like(out)
+    g.copy_(torch.randn(out.shape, generator=gen, dtype=torch.float64))
+    return g
+
+
+def value_and_grads(impl: ModuleType, name: str, inp: Inputs,
+                    upstream: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """The op's output and the gradients of <upstream, output> w.r.t. :func:`grad_leaves`."""
+    out = call(impl, name, inp)
+    leaves = grad_leaves(name, inp)
+    if not leaves:
+        return out, ()
+    g = upstream_like(out) if upstream is None else upstream
+    return out, torch.autograd.grad(out, leaves, g)
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, **tol) -> None:
+    """Values (NaN where the reference is NaN) and dtype must match the reference; shape too."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
+
+
+def check_against_reference(name: str, inp: Inputs, **tol) -> None:
+    """Output and every gradient of the fused op equal the reference's (same upstream gradient)."""
+    out, grads = value_and_grads(ops, name, inp)
+    ref_out, ref_grads = value_and_grads(reference, name, inp, upstream=upstream_like(out))
+    assert_close_to_reference(out, ref_out, **tol)
+    assert len(grads) == len(ref_grads)
+    for g, rg in zip(grads, ref_grads):
+        assert_close_to_reference(g, rg, **tol)
+
+
+def memory_layout_of(t: torch.Tensor) -> Tuple[int, ...]:
+    """The strides ``torch.empty_like`` gives a tensor shaped and laid out like ``t``."""
+    return torch.empty_like(t).stride()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of ``t`` (for bitwise comparisons: distinguishes -0.0 from 0.0, NaN payloads)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def allocated_bytes(fn: Callable[[], object]) -> Tuple[object, List[int]]:
+    """Runs ``fn`` under the profiler with memory tracking and returns its result and the size of
+    every allocation the (CPU) caching allocator made during the call, in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events()
+             if e.name() == "[memory]" and e.nbytes() > 0]
+    return result, sizes
+
+
+def away_from_kinks(inp: Inputs, name: str, delta: float = 1e-3) -> bool:
+    """True when no element lies within ``delta`` of a point where the op is not differentiable
+    (a map at its margin; for partial_l2 also t = 0 or s = t), so finite differences are valid."""
+    with torch.no_grad():
+        if inp.margins is not None:
+            for j, f in enumerate(inp.features):
+                m = inp.margins[j].reshape([1, -1] + [1] * (f.dim() - 2))
+                if (f - m).abs().min() < delta:
+                    return False
+        if name == "partial_l2":
+            t = reference.aggregate(inp.features, inp.beta, inp.margins)
+            if t.abs().min() < delta or (inp.student - t).abs().min() < delta:
+                return False
+    return True

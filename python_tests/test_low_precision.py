@@ -1,0 +1,110 @@
+"""bfloat16 and float16 maps vs the float32 reference evaluated on the same values upcast to float32,
+and the autocast combination (bf16 maps from a conv, float32 beta and margins).
+
+Tolerances (the kernels compute in float32 like the reference; only summation order differs and
+16-bit results are rounded once):
+* 16-bit results (aggregate output, student and feature gradients): rtol = 2 ulp of the format
+  (bfloat16 2**-7, float16 2**-9), atol = 1e-5.
+* float32 results (the losses, and beta gradients when beta is float32): rtol = atol = 1e-4.
+* beta gradients in a 16-bit beta dtype: the 16-bit tolerance, atol scaled by the largest entry.
+* autocast (bf16 convolutions on both paths, gradients through bf16 maps): rtol = atol = 3e-2
+  relative to the largest entry of each gradient.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List
+
+import pytest
+import torch
+
+from dfa_ext import ops, reference
+from dfa_helpers import OP_MARGINS, Inputs, call, grad_leaves, make_inputs, op_id, seed_of, upstream_like
+
+HALF_TOL: Dict[torch.dtype, Dict[str, float]] = {
+    torch.bfloat16: dict(rtol=2.0 ** -7, atol=1e-5),
+    torch.float16: dict(rtol=2.0 ** -9, atol=1e-5),
+}
+F32_TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _upcast(inp: Inputs) -> Inputs:
+    """The same values in float32, as fresh leaves with the same requires_grad flags."""
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().requires_grad_(t.requires_grad)
+
+    return Inputs(up(inp.student), [up(f) for f in inp.features], up(inp.beta),
+                  None if inp.margins is None else inp.margins.float())
+
+
+def _tol(t: torch.Tensor) -> Dict[str, float]:
+    return HALF_TOL[t.dtype] if t.dtype in HALF_TOL else F32_TOL
+
+
+def _cases():
+    for dtype, (name, margins), layout, beta_half in itertools.product(
+            HALF_TOL, OP_MARGINS, ("contiguous", "channels_last"), (False, True)):
+        yield pytest.param(dtype, name, layout, beta_half, margins,
+                           id=f"{str(dtype)[6:]}-{op_id(name, margins)}-{layout}-beta_{'half' if beta_half else 'f32'}")
+
+
+@pytest.mark.parametrize("dtype,name,layout,beta_half,margins", list(_cases()))
+def test_half_matches_float32_reference(dtype: torch.dtype, name: str, layout: str, beta_half: bool,
+                                        margins: bool) -> None:
+    """Outputs and all gradients of 16-bit calls equal the float32 reference within the stated tolerance."""
+    inp = make_inputs((2, 4, 6, 5), 3, dtype=dtype, layout=layout, margins=margins,
+                      beta_dtype=dtype if beta_half else torch.float32, seed=seed_of(dtype, name, layout))
+    out = call(ops, name, inp)
+    assert out.dtype == (dtype if name == "aggregate" else torch.float32)
+    upstream = upstream_like(out)
+    grads = torch.autograd.grad(out, grad_leaves(name, inp), upstream)
+
+    ref_inp = _upcast(inp)
+    ref_out = call(reference, name, ref_inp)
+    ref_grads = torch.autograd.grad(ref_out, grad_leaves(name, ref_inp), upstream.float())
+
+    torch.testing.assert_close(out.float(), ref_out, **_tol(out))
+    for g, rg, leaf in zip(grads, ref_grads, grad_leaves(name, inp)):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        tol = dict(_tol(g))
+        if leaf is inp.beta and g.dtype in HALF_TOL:
+            tol["atol"] = tol["rtol"] * float(rg.abs().max())  # a difference of large terms, then rounded
+        torch.testing.assert_close(g.float(), rg, **tol)
+
+
+def _autocast_objective(impl, x: torch.Tensor, convs: torch.nn.ModuleList, beta: torch.Tensor,
+                        margins: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student = convs[0](x)
+        features = [conv(x) for conv in convs[1:]]
+        assert student.dtype == torch.bfloat16 and all(f.dtype == torch.bfloat16 for f in features)
+        assert beta.dtype == torch.float32 and margins.dtype == torch.float32
+        agg = impl.aggregate(features, beta, margins)
+        assert agg.dtype == torch.bfloat16
+        losses = (impl.bridge_st_loss(student, features, beta), impl.partial_l2(student, features, beta, margins))
+        assert all(loss.dtype == torch.float32 for loss in losses)
+        return agg.float().square().mean() + losses[0].sum() + 0.1 * losses[1].sum()
+
+
+def test_autocast_bf16_maps_float32_beta() -> None:
+    """Under autocast the ops take bf16 maps with float32 beta and margins; gradients reach beta
+    (float32) and the conv weights, and equal the reference's under the same autocast."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    k = 3
+    convs = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3, padding=1) for _ in range(k + 1)])
+    x = torch.randn(2, 3, 7, 9, generator=gen)
+    beta = torch.nn.Parameter(torch.randn(k, generator=gen))
+    margins = 0.3 * torch.randn(k, 4, generator=gen)  # conv outputs fall on both sides
+    params: List[torch.Tensor] = [beta, *convs.parameters()]
+
+    grads = torch.autograd.grad(_autocast_objective(ops, x, convs, beta, margins), params)
+    ref_grads = torch.autograd.grad(_autocast_objective(reference, x, convs, beta, margins), params)
+
+    assert grads[0].dtype == torch.float32
+    for g, rg, p in zip(grads, ref_grads, params):
+        assert g.dtype == p.dtype and torch.isfinite(g).all()
+        assert g.abs().max() > 0
+        scale = float(rg.abs().max())
+        torch.testing.assert_close(g, rg, rtol=3e-2, atol=3e-2 * scale)
