@@ -1,7 +1,8 @@
 """Autograd formulas of the DFA ops (method.md section 4).  Each backward is itself a custom op
 (dfa::*_backward) so it runs fused and traces under torch.compile; gradients are computed only for
 the inputs that need them.  ``margins`` are fixed buffers (OFD margins from the teacher's BN) and
-get no gradient."""
+get no gradient: asking for one is an error, as is differentiating a backward op (the ops are
+once differentiable)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def _or_none(t: torch.Tensor, need: bool):
     return t if need else None
 
 
+def _no_margin_grad(op: str, needs_input_grad, index: int) -> None:
+    # margins=None has no entry in needs_input_grad (pytree drops None leaves).
+    if len(needs_input_grad) > index and needs_input_grad[index]:
+        raise RuntimeError(f"dfa::{op}: 'margins' are constants and get no gradient; pass margins.detach()")
+
+
 # aggregate(features, beta, margins) --------------------------------------------------------------
 
 def _aggregate_setup(ctx, inputs, output):
@@ -34,6 +41,7 @@ def _aggregate_setup(ctx, inputs, output):
 def _aggregate_backward(ctx, grad):
     beta, margins, *features = ctx.saved_tensors
     need_features, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    _no_margin_grad("aggregate", ctx.needs_input_grad, 2)
     grad_beta, grad_features = torch.ops.dfa.aggregate_backward(
         grad, features, beta, margins, [need_beta, _any(need_features)])
     return _feature_grads(grad_features, need_features), _or_none(grad_beta, need_beta), None
@@ -68,11 +76,26 @@ def _partial_l2_setup(ctx, inputs, output):
 def _partial_l2_backward(ctx, grad):
     student, beta, margins, *features = ctx.saved_tensors
     need_student, need_features, need_beta = ctx.needs_input_grad[:3]
+    _no_margin_grad("partial_l2", ctx.needs_input_grad, 3)
     grad_student, grad_beta, grad_features = torch.ops.dfa.partial_l2_backward(
         grad, student, features, beta, margins, [need_student, need_beta, _any(need_features)])
     return (_or_none(grad_student, need_student), _feature_grads(grad_features, need_features),
             _or_none(grad_beta, need_beta), None)
 
+
+def _not_twice_differentiable(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"dfa::{op} is not differentiable: the DFA ops support first-order gradients only "
+                           f"(use dfa_ext.reference for higher-order derivatives)")
+    return backward
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+for _op in ("aggregate_backward", "bridge_st_loss_backward", "partial_l2_backward"):
+    torch.library.register_autograd(f"dfa::{_op}", _not_twice_differentiable(_op), setup_context=_no_setup)
 
 torch.library.register_autograd("dfa::aggregate", _aggregate_backward, setup_context=_aggregate_setup)
 torch.library.register_autograd("dfa::bridge_st_loss_forward", _bridge_backward, setup_context=_bridge_setup)

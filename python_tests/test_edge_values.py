@@ -30,20 +30,16 @@ def test_empty_batch(name: str, margins: bool, layout: str) -> None:
 
 
 NAN_AT = (1, 2, 3, 4)  # the poisoned element: sample 1
-BRIDGE_NAN_BUG = pytest.mark.xfail(
-    strict=True, reason="library bug: bridge_terms (csrc/common/dfa_math.h) clamps a NaN norm to eps "
-                        "(`n > eps ? n : eps`), so the affected sample gets huge finite gradients (~1e23) "
-                        "instead of NaN")
 
 
-def _nan_cases(bridge_mark=()):
+
+def _nan_cases():
     cases = []
     for name, margins in OP_MARGINS:
         for where in ("feature", "student"):
             if where == "student" and name == "aggregate":
                 continue  # aggregate takes no student
-            marks = bridge_mark if name == "bridge_st_loss" else ()
-            cases.append(pytest.param(name, margins, where, marks=marks,
+            cases.append(pytest.param(name, margins, where,
                                       id=f"{op_id(name, margins)}-nan_in_{where}"))
     return cases
 
@@ -67,7 +63,7 @@ def test_nan_output(name: str, margins: bool, where: str) -> None:
     assert_close_to_reference(out, ref, **F64)
 
 
-@pytest.mark.parametrize("name,margins,where", _nan_cases(BRIDGE_NAN_BUG))
+@pytest.mark.parametrize("name,margins,where", _nan_cases())
 def test_nan_gradients(name: str, margins: bool, where: str) -> None:
     """Backward runs and its gradients equal the reference's, NaN where the reference has NaN.
     Only the poisoned element itself is left out of map gradients (the derivative at a NaN input

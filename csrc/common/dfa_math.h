@@ -75,8 +75,9 @@ template <typename acc_t>
 DFA_HOST_DEVICE BridgeTerms<acc_t> bridge_terms(acc_t ss, acc_t sa, acc_t aa, acc_t eps) {
   using std::sqrt;
   const acc_t ns_raw = sqrt(ss), na_raw = sqrt(aa);
-  const acc_t ns = ns_raw > eps ? ns_raw : eps;
-  const acc_t na = na_raw > eps ? na_raw : eps;
+  // max(norm, eps) written so that a NaN norm stays NaN (and so do the gradients).
+  const acc_t ns = ns_raw < eps ? eps : ns_raw;
+  const acc_t na = na_raw < eps ? eps : na_raw;
   BridgeTerms<acc_t> r;
   r.loss = ss / (ns * ns) + aa / (na * na) - acc_t(2) * sa / (ns * na);
   const acc_t cross = acc_t(-2) / (ns * na);
