@@ -1,0 +1,473 @@
+// CUDA kernels of the DFA ops.  Memory-bound design: each block owns one fixed chunk of one sample
+// (kChunk elements) and each thread kItems elements of it, loaded as 16-byte vectors when every
+// map is aligned (else one element at a time).  Forward reads the K maps once; backward re-reads
+// them rather than storing K-sized intermediates.  Reductions are deterministic: warp shuffles in
+// a fixed tree, per-warp partials summed in order, per-block partials written to global memory
+// and summed over chunks in order by a small finishing kernel (no floating-point atomics).  The
+// per-element and per-sample formulas come from common/dfa_math.h, shared with the CPU kernels.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/dfa_math.h"
+
+namespace dfa {
+namespace cuda {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kItems = 16;                         // elements per thread
+constexpr int64_t kChunk = kThreads * kItems;      // elements per block (one chunk of one sample)
+constexpr int kMaxK = 64;                          // feature maps per call (pointers passed by value)
+constexpr int kMaxWidth = 2 * kMaxK + 1;           // accumulators per block (bridge forward)
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// 16 bytes of T: the vector width of the aligned kernels.
+template <typename T>
+constexpr int kVecWidth = 16 / sizeof(T);
+
+template <typename T>
+struct MapArgs {
+  using A = acc_type<T>;
+  const T* features[kMaxK];
+  const A* beta;     // [K], accumulation type; alpha = softmax(beta) is computed per block
+  const A* margins;  // [K, C] or nullptr
+  int64_t N;         // elements per sample
+  int64_t chunks;    // chunks per sample
+  int64_t C, inner;  // element n of a sample has channel (n / inner) % C
+  int K;
+};
+
+template <typename T>
+struct MapOutPtrs {
+  T* ptr[kMaxK];
+};
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+// Where this thread's elements of the block's chunk lie: element i = it * VEC + e of the thread
+// sits at in-sample index first + (it * kThreads + threadIdx.x) * VEC + e.
+template <typename T, int VEC>
+struct Tile {
+  static constexpr int kIters = kItems / VEC;
+  int64_t sample_offset;  // b * N
+  int64_t chunk_start;    // first in-sample index of the chunk
+  int64_t N;
+
+  __device__ int64_t index(int it) const { return chunk_start + (int64_t(it) * kThreads + threadIdx.x) * VEC; }
+  __device__ bool valid(int it) const { return index(it) < N; }  // whole vectors: N % VEC == 0
+
+  template <typename A>
+  __device__ void load(const T* map, A (&out)[kItems]) const {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (valid(it)) {
+        const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(map + sample_offset + index(it));
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out[it * VEC + e] = static_cast<A>(v.v[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out[it * VEC + e] = A(0);  // contributes nothing to any sum
+      }
+    }
+  }
+
+  template <typename A>
+  __device__ void store(T* map, const A (&in)[kItems]) const {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (valid(it)) {
+        Vec<T, VEC> v;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v.v[e] = static_cast<T>(in[it * VEC + e]);
+        *reinterpret_cast<Vec<T, VEC>*>(map + sample_offset + index(it)) = v;
+      }
+    }
+  }
+
+  // Channel of each element (one division per vector, then increments).
+  __device__ void channels(int64_t C, int64_t inner, int (&ch)[kItems]) const {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t n = index(it);
+      int64_t c = (n / inner) % C, r = n % inner;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        ch[it * VEC + e] = static_cast<int>(c);
+        if (++r == inner) {
+          r = 0;
+          c = c + 1 == C ? 0 : c + 1;
+        }
+      }
+    }
+  }
+};
+
+// Common prologue: alpha = softmax(beta) in shared memory and this block's tile.
+template <typename T, int VEC>
+__device__ Tile<T, VEC> begin_block(const MapArgs<T>& args, acc_type<T>* alpha) {
+  if (threadIdx.x == 0) math::softmax(args.beta, alpha, args.K);
+  __syncthreads();
+  const int64_t item = blockIdx.x;
+  const int64_t b = item / args.chunks;
+  return Tile<T, VEC>{b * args.N, (item % args.chunks) * kChunk, args.N};
+}
+
+// sigma_j applied in place (no-op without margins); raw values are kept by the caller if needed.
+template <typename A>
+__device__ void apply_margin(A (&x)[kItems], const A* margins_row, const int (&ch)[kItems]) {
+  if (margins_row == nullptr) return;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) x[i] = math::margin_relu(x[i], margins_row[ch[i]]);
+}
+
+template <typename A>
+__device__ A thread_dot(const A (&a)[kItems], const A (&b)[kItems]) {
+  A sum = 0;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// Per-block accumulators: warp sums in a fixed shuffle tree, then warps in order at the end.
+template <typename A>
+struct BlockSums {
+  A (*warp_sums)[kMaxWidth];  // [kWarps][kMaxWidth] in shared memory
+
+  __device__ void add(int slot, A v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5][slot] = v;
+  }
+
+  __device__ void write(A* out, int width) {
+    __syncthreads();
+    for (int a = threadIdx.x; a < width; a += kThreads) {
+      A total = 0;
+      for (int w = 0; w < kWarps; ++w) total += warp_sums[w][a];
+      out[a] = total;
+    }
+  }
+};
+
+#define DFA_BLOCK_SHARED(A)                                   \
+  __shared__ A alpha[kMaxK];                                  \
+  __shared__ A warp_sums_storage[kWarps][kMaxWidth];          \
+  BlockSums<A> sums{warp_sums_storage};                       \
+  (void)sums;
+
+template <typename T>
+__device__ const acc_type<T>* margin_row(const MapArgs<T>& args, int j) {
+  return args.margins == nullptr ? nullptr : args.margins + j * args.C;
+}
+
+// A = sum_j alpha_j sigma_j(T_j) over this thread's elements.
+template <typename T, int VEC>
+__device__ void aggregate_tile(const MapArgs<T>& args, const Tile<T, VEC>& tile, const acc_type<T>* alpha,
+                               const int (&ch)[kItems], acc_type<T> (&agg)[kItems]) {
+  using A = acc_type<T>;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) agg[i] = 0;
+  for (int j = 0; j < args.K; ++j) {
+    A x[kItems];
+    tile.load(args.features[j], x);
+    apply_margin(x, margin_row(args, j), ch);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) agg[i] += alpha[j] * x[i];
+  }
+}
+
+template <typename T, int VEC>
+__device__ void tile_channels(const MapArgs<T>& args, const Tile<T, VEC>& tile, int (&ch)[kItems]) {
+  if (args.margins != nullptr) {
+    tile.channels(args.C, args.inner, ch);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) ch[i] = 0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) aggregate_forward_kernel(MapArgs<T> args, T* out) {
+  using A = acc_type<T>;
+  __shared__ A alpha[kMaxK];
+  const auto tile = begin_block<T, VEC>(args, alpha);
+  int ch[kItems];
+  tile_channels(args, tile, ch);
+  A agg[kItems];
+  aggregate_tile(args, tile, alpha, ch, agg);
+  tile.store(out, agg);
+}
+
+// partials[item][j] = <grad, sigma_j(T_j)> over the chunk; grad_features[j] = alpha_j grad [T_j >= m_j].
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    aggregate_backward_kernel(MapArgs<T> args, const T* grad, MapOutPtrs<T> grad_features, bool write_features,
+                              acc_type<T>* partials) {
+  using A = acc_type<T>;
+  DFA_BLOCK_SHARED(A)
+  const auto tile = begin_block<T, VEC>(args, alpha);
+  int ch[kItems];
+  tile_channels(args, tile, ch);
+  A g[kItems];
+  tile.load(grad, g);
+  for (int j = 0; j < args.K; ++j) {
+    A x[kItems];
+    tile.load(args.features[j], x);
+    const A* m = margin_row(args, j);
+    if (write_features) {
+      A d[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i)
+        d[i] = alpha[j] * g[i] * (m == nullptr ? A(1) : math::margin_relu_pass(x[i], m[ch[i]]));
+      tile.store(grad_features.ptr[j], d);
+    }
+    if (partials != nullptr) {
+      apply_margin(x, m, ch);
+      sums.add(j, thread_dot(g, x));
+    }
+  }
+  if (partials != nullptr) sums.write(partials + blockIdx.x * args.K, args.K);
+}
+
+// partials[item] = (<s,s>, <s,T_j>..., <A,T_j>...) over the chunk.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) bridge_forward_kernel(MapArgs<T> args, const T* student, acc_type<T>* partials) {
+  using A = acc_type<T>;
+  DFA_BLOCK_SHARED(A)
+  const auto tile = begin_block<T, VEC>(args, alpha);
+  const int K = args.K;
+  A s[kItems], agg[kItems];
+  tile.load(student, s);
+  sums.add(0, thread_dot(s, s));
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) agg[i] = 0;
+  for (int j = 0; j < K; ++j) {
+    A x[kItems];
+    tile.load(args.features[j], x);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) agg[i] += alpha[j] * x[i];
+    sums.add(1 + j, thread_dot(s, x));
+  }
+  for (int j = 0; j < K; ++j) {  // second read of this thread's elements: served by L1/L2
+    A x[kItems];
+    tile.load(args.features[j], x);
+    sums.add(1 + K + j, thread_dot(agg, x));
+  }
+  sums.write(partials + blockIdx.x * (2 * K + 1), 2 * K + 1);
+}
+
+// terms[b] = (cs, ca, ea, es) scaled by the upstream gradient: ds = cs s + ca A, dA = ea A + es s.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    bridge_backward_kernel(MapArgs<T> args, const T* student, const acc_type<T>* terms, T* grad_student,
+                           MapOutPtrs<T> grad_features, bool write_features) {
+  using A = acc_type<T>;
+  __shared__ A alpha[kMaxK];
+  const auto tile = begin_block<T, VEC>(args, alpha);
+  const int64_t b = blockIdx.x / args.chunks;
+  const A cs = terms[4 * b], ca = terms[4 * b + 1], ea = terms[4 * b + 2], es = terms[4 * b + 3];
+  int ch[kItems];
+  tile_channels(args, tile, ch);
+  A s[kItems], agg[kItems], d[kItems];
+  tile.load(student, s);
+  aggregate_tile(args, tile, alpha, ch, agg);
+  if (grad_student != nullptr) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) d[i] = cs * s[i] + ca * agg[i];
+    tile.store(grad_student, d);
+  }
+  if (write_features) {
+    for (int j = 0; j < args.K; ++j) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) d[i] = alpha[j] * (ea * agg[i] + es * s[i]);
+      tile.store(grad_features.ptr[j], d);
+    }
+  }
+}
+
+// partials[item] = sum (s - t)^2 mask(s, t) over the chunk.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) partial_l2_forward_kernel(MapArgs<T> args, const T* student, acc_type<T>* partials) {
+  using A = acc_type<T>;
+  DFA_BLOCK_SHARED(A)
+  const auto tile = begin_block<T, VEC>(args, alpha);
+  int ch[kItems];
+  tile_channels(args, tile, ch);
+  A s[kItems], t[kItems];
+  tile.load(student, s);
+  aggregate_tile(args, tile, alpha, ch, t);
+  A total = 0;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const A d = s[i] - t[i];
+    total += d * d * math::partial_l2_mask(s[i], t[i]);
+  }
+  sums.add(0, total);
+  sums.write(partials + blockIdx.x, 1);
+}
+
+// e = 2 (s - t) mask; grad_student = g_b e; partials[item][j] = <e, sigma_j(T_j)>;
+// grad_features[j] = -g_b alpha_j e [T_j >= m_j].
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    partial_l2_backward_kernel(MapArgs<T> args, const T* student, const acc_type<T>* grad, T* grad_student,
+                               MapOutPtrs<T> grad_features, bool write_features, acc_type<T>* partials) {
+  using A = acc_type<T>;
+  DFA_BLOCK_SHARED(A)
+  const auto tile = begin_block<T, VEC>(args, alpha);
+  const A gb = grad[blockIdx.x / args.chunks];
+  int ch[kItems];
+  tile_channels(args, tile, ch);
+  A s[kItems], e[kItems];
+  tile.load(student, s);
+  aggregate_tile(args, tile, alpha, ch, e);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]);
+  if (grad_student != nullptr) {
+    A d[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) d[i] = gb * e[i];
+    tile.store(grad_student, d);
+  }
+  if (partials == nullptr && !write_features) return;
+  for (int j = 0; j < args.K; ++j) {
+    A x[kItems];
+    tile.load(args.features[j], x);
+    const A* m = margin_row(args, j);
+    if (write_features) {
+      A d[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i)
+        d[i] = -gb * alpha[j] * e[i] * (m == nullptr ? A(1) : math::margin_relu_pass(x[i], m[ch[i]]));
+      tile.store(grad_features.ptr[j], d);
+    }
+    if (partials != nullptr) {
+      apply_margin(x, m, ch);
+      sums.add(j, thread_dot(e, x));
+    }
+  }
+  if (partials != nullptr) sums.write(partials + blockIdx.x * args.K, args.K);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small finishing kernels over per-block partials: one thread per sample, or one block for the
+// K-sized beta gradient; every sum runs over chunks (then samples) in index order.
+
+template <typename A>
+__device__ double chunk_sum(const A* partials, int64_t b, int64_t chunks, int width, int a) {
+  double total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += partials[(b * chunks + c) * width + a];
+  return total;
+}
+
+template <typename A>
+__global__ void bridge_forward_finish_kernel(const A* partials, const A* beta, int64_t B, int64_t chunks, int K,
+                                             double eps, A* loss, A* stats) {
+  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (b >= B) return;
+  A alpha[kMaxK];
+  math::softmax(beta, alpha, K);
+  const int width = 2 * K + 1;
+  double ss = chunk_sum(partials, b, chunks, width, 0), sa = 0, aa = 0;
+  stats[b * width] = static_cast<A>(ss);
+  for (int j = 0; j < K; ++j) {
+    const double p = chunk_sum(partials, b, chunks, width, 1 + j);
+    const double q = chunk_sum(partials, b, chunks, width, 1 + K + j);
+    stats[b * width + 1 + j] = static_cast<A>(p);
+    stats[b * width + 1 + K + j] = static_cast<A>(q);
+    sa += alpha[j] * p;
+    aa += alpha[j] * q;
+  }
+  loss[b] = static_cast<A>(math::bridge_terms(ss, sa, aa, eps).loss);
+}
+
+template <typename A>
+__global__ void partial_l2_forward_finish_kernel(const A* partials, int64_t B, int64_t chunks, A* loss) {
+  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (b < B) loss[b] = static_cast<A>(chunk_sum(partials, b, chunks, 1, 0));
+}
+
+// grad_beta from dL/dalpha_j = scale_b-weighted sums of partials: sum_b w_b sum_c partials[b][c][j],
+// with w_b = 1 (aggregate) or -grad[b] (partial_l2).  One block of >= K threads.
+template <typename A>
+__global__ void beta_grad_from_partials_kernel(const A* partials, const A* beta, const A* sample_weight,
+                                               A weight_sign, int64_t B, int64_t chunks, int K, A* grad_beta) {
+  __shared__ double grad_alpha[kMaxK], alpha_d[kMaxK], out[kMaxK];
+  const int j = threadIdx.x;
+  if (j < K) {
+    double total = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const double w = sample_weight == nullptr ? 1.0 : static_cast<double>(sample_weight[b]);
+      total += weight_sign * w * chunk_sum(partials, b, chunks, K, j);
+    }
+    grad_alpha[j] = total;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double beta_d[kMaxK];
+    for (int k = 0; k < K; ++k) beta_d[k] = beta[k];
+    math::softmax(beta_d, alpha_d, K);
+    math::softmax_backward(alpha_d, grad_alpha, out, K);
+    for (int k = 0; k < K; ++k) grad_beta[k] = static_cast<A>(out[k]);
+  }
+}
+
+// Bridge backward, per-sample part: terms[b] (see bridge_backward_kernel) and grad_beta from the
+// saved dots, dL/dalpha_j = sum_b g_b (ea <A,T_j> + es <s,T_j>).  One block.
+template <typename A>
+__global__ void bridge_backward_terms_kernel(const A* stats, const A* grad, const A* beta, int64_t B, int K,
+                                             double eps, A* terms, A* grad_beta) {
+  __shared__ double alpha_d[kMaxK], grad_alpha[kMaxK], out[kMaxK];
+  if (threadIdx.x == 0) {
+    double beta_d[kMaxK];
+    for (int k = 0; k < K; ++k) beta_d[k] = beta[k];
+    math::softmax(beta_d, alpha_d, K);
+  }
+  __syncthreads();
+  const int width = 2 * K + 1;
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+    const A* row = stats + b * width;
+    double sa = 0, aa = 0;
+    for (int j = 0; j < K; ++j) {
+      sa += alpha_d[j] * row[1 + j];
+      aa += alpha_d[j] * row[1 + K + j];
+    }
+    const auto t = math::bridge_terms<double>(row[0], sa, aa, eps);
+    const double gb = grad[b];
+    terms[4 * b] = static_cast<A>(gb * t.cs);
+    terms[4 * b + 1] = static_cast<A>(gb * t.ca);
+    terms[4 * b + 2] = static_cast<A>(gb * t.ea);
+    terms[4 * b + 3] = static_cast<A>(gb * t.es);
+  }
+  __syncthreads();
+  if (grad_beta == nullptr) return;
+  const int j = threadIdx.x;
+  if (j < K) {
+    double total = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const A* row = stats + b * width;
+      total += static_cast<double>(terms[4 * b + 2]) * row[1 + K + j] + static_cast<double>(terms[4 * b + 3]) * row[1 + j];
+    }
+    grad_alpha[j] = total;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    math::softmax_backward(alpha_d, grad_alpha, out, K);
+    for (int k = 0; k < K; ++k) grad_beta[k] = static_cast<A>(out[k]);
+  }
+}
+
+}  // namespace cuda
+}  // namespace dfa
