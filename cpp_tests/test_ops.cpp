@@ -4,9 +4,7 @@
 //
 // The backward ops are checked against autograd of the same ATen composition.  Exit code 0 only
 // when every check passes; the last line is "cpp_tests: N passed, M failed".
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/Exception.h>
+#include "test_support.h"
 
 #include <array>
 #include <cstdio>
@@ -19,110 +17,7 @@
 
 namespace {
 
-using at::Tensor;
-using at::TensorList;
-using OptTensor = std::optional<Tensor>;
-
-int g_passed = 0;
-int g_failed = 0;
-
-void record(bool ok, const std::string& what, const std::string& detail = "") {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::cerr << "FAIL: " << what << (detail.empty() ? "" : ": ") << detail << "\n";
-  }
-}
-
-// (not CHECK: c10/util/Logging.h defines that)
-#define DFA_CHECK(cond, what)                                            \
-  do {                                                                   \
-    record(static_cast<bool>(cond), std::string(what) + " [" #cond "]"); \
-  } while (0)
-
-// float64 throughout; the kernels reduce in a different order than ATen, hence the tolerance.
-void check_close(const Tensor& actual, const Tensor& expected, const std::string& what, double rtol = 1e-10,
-                 double atol = 1e-10) {
-  if (!actual.defined() || actual.sizes() != expected.sizes()) {
-    std::ostringstream os;
-    os << "shape " << (actual.defined() ? actual.sizes() : c10::IntArrayRef{}) << " vs expected "
-       << expected.sizes();
-    record(false, what, os.str());
-    return;
-  }
-  if (actual.scalar_type() != expected.scalar_type()) {
-    std::ostringstream os;
-    os << "dtype " << actual.scalar_type() << " vs expected " << expected.scalar_type();
-    record(false, what, os.str());
-    return;
-  }
-  const bool ok = at::allclose(actual, expected, rtol, atol);
-  std::ostringstream os;
-  if (!ok) os << "max abs diff " << (actual - expected).abs().max().item<double>();
-  record(ok, what, os.str());
-}
-
-// ---- the ops, through the dispatcher ----------------------------------------------------------------
-
-c10::OperatorHandle op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
-
-Tensor dfa_aggregate(TensorList features, const Tensor& beta, const OptTensor& margins) {
-  static auto h = op("dfa::aggregate").typed<Tensor(TensorList, const Tensor&, const OptTensor&)>();
-  return h.call(features, beta, margins);
-}
-
-std::tuple<Tensor, std::vector<Tensor>> dfa_aggregate_backward(const Tensor& grad, TensorList features,
-                                                               const Tensor& beta, const OptTensor& margins,
-                                                               std::array<bool, 2> mask) {
-  static auto h = op("dfa::aggregate_backward")
-                      .typed<std::tuple<Tensor, std::vector<Tensor>>(const Tensor&, TensorList, const Tensor&,
-                                                                     const OptTensor&, std::array<bool, 2>)>();
-  return h.call(grad, features, beta, margins, mask);
-}
-
-Tensor dfa_bridge_st_loss(const Tensor& student, TensorList features, const Tensor& beta, double eps) {
-  static auto h = op("dfa::bridge_st_loss").typed<Tensor(const Tensor&, TensorList, const Tensor&, double)>();
-  return h.call(student, features, beta, eps);
-}
-
-std::tuple<Tensor, Tensor> dfa_bridge_st_loss_forward(const Tensor& student, TensorList features, const Tensor& beta,
-                                                      double eps) {
-  static auto h = op("dfa::bridge_st_loss_forward")
-                      .typed<std::tuple<Tensor, Tensor>(const Tensor&, TensorList, const Tensor&, double)>();
-  return h.call(student, features, beta, eps);
-}
-
-std::tuple<Tensor, Tensor, std::vector<Tensor>> dfa_bridge_st_loss_backward(const Tensor& grad, const Tensor& student,
-                                                                            TensorList features, const Tensor& beta,
-                                                                            const Tensor& stats, double eps,
-                                                                            std::array<bool, 3> mask) {
-  static auto h =
-      op("dfa::bridge_st_loss_backward")
-          .typed<std::tuple<Tensor, Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, TensorList,
-                                                                 const Tensor&, const Tensor&, double,
-                                                                 std::array<bool, 3>)>();
-  return h.call(grad, student, features, beta, stats, eps, mask);
-}
-
-Tensor dfa_partial_l2(const Tensor& student, TensorList features, const Tensor& beta, const OptTensor& margins) {
-  static auto h =
-      op("dfa::partial_l2").typed<Tensor(const Tensor&, TensorList, const Tensor&, const OptTensor&)>();
-  return h.call(student, features, beta, margins);
-}
-
-std::tuple<Tensor, Tensor, std::vector<Tensor>> dfa_partial_l2_backward(const Tensor& grad, const Tensor& student,
-                                                                        TensorList features, const Tensor& beta,
-                                                                        const OptTensor& margins,
-                                                                        std::array<bool, 3> mask) {
-  static auto h = op("dfa::partial_l2_backward")
-                      .typed<std::tuple<Tensor, Tensor, std::vector<Tensor>>(
-                          const Tensor&, const Tensor&, TensorList, const Tensor&, const OptTensor&,
-                          std::array<bool, 3>)>();
-  return h.call(grad, student, features, beta, margins, mask);
-}
+using namespace dfa_test;
 
 // ---- reference: method.md section 4 as ATen ops ----------------------------------------------------
 
@@ -330,6 +225,5 @@ int main() {
   } catch (const std::exception& e) {
     record(false, "error checks", std::string("threw: ") + e.what());
   }
-  std::printf("cpp_tests: %d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return report("cpp_tests");
 }

@@ -3,9 +3,6 @@
 // allocation: common/op_entry.h; kernels: map_kernels.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -13,6 +10,7 @@
 #include <vector>
 
 #include "../common/op_entry.h"
+#include "launch.cuh"
 #include "map_kernels.cuh"
 
 namespace dfa {
@@ -39,7 +37,7 @@ struct Launch {
   cudaStream_t stream;
 
   Launch(const MapBatch& batch, const Tensor& beta_in, const OptTensor& margins_in)
-      : stream(c10::cuda::getCurrentCUDAStream(batch.features[0].get_device()).stream()) {
+      : stream(DFA_CURRENT_STREAM(batch.features[0].get_device())) {
     const int64_t K = batch.features.size();
     TORCH_CHECK_VALUE(K <= kMaxK, "dfa: the CUDA kernels take at most ", kMaxK, " feature maps per call, got ", K);
     beta = beta_in.to(acc_dtype<T>()).contiguous();
@@ -82,7 +80,7 @@ struct Launch {
     } else {
       kernel_for(std::integral_constant<int, 1>{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DFA_LAUNCH_CHECK();
   }
 
   Tensor partials(int width) const { return at::empty({blocks, width}, beta.options()); }
@@ -102,20 +100,21 @@ int64_t finish_blocks(int64_t B) { return (B + kFinishThreads - 1) / kFinishThre
 
 struct CudaBackend {
   static void aggregate_forward(const MapBatch& batch, const Tensor& beta, const OptTensor& margins, Tensor out) {
-    const c10::cuda::CUDAGuard guard(out.device());
+    DFA_DEVICE_GUARD(out.device());
     DFA_CUDA_DISPATCH(out.scalar_type(), "dfa_aggregate_cuda", [&] {
       Launch<scalar_t> L(batch, beta, margins);
       scalar_t* dst = out.mutable_data_ptr<scalar_t>();
       L.check_alignment(dst);
       L.run([&](auto vec) {
-        aggregate_forward_kernel<scalar_t, decltype(vec)::value><<<L.blocks, kThreads, 0, L.stream>>>(L.args, dst);
+        auto kernel = aggregate_forward_kernel<scalar_t, decltype(vec)::value>;
+        DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, dst);
       });
     });
   }
 
   static Tensor aggregate_backward(const MapBatch& batch, const Tensor& beta, const OptTensor& margins,
                                    bool need_beta, std::vector<Tensor>& grad_features) {
-    const c10::cuda::CUDAGuard guard(batch.grad.device());
+    DFA_DEVICE_GUARD(batch.grad.device());
     Tensor grad_beta;
     DFA_CUDA_DISPATCH(batch.grad.scalar_type(), "dfa_aggregate_backward_cuda", [&] {
       using A = acc_type<scalar_t>;
@@ -127,8 +126,8 @@ struct CudaBackend {
       Tensor partials = need_beta ? L.partials(L.args.K) : Tensor();
       A* partial_ptr = need_beta ? partials.mutable_data_ptr<A>() : nullptr;
       L.run([&](auto vec) {
-        aggregate_backward_kernel<scalar_t, decltype(vec)::value>
-            <<<L.blocks, kThreads, 0, L.stream>>>(L.args, g, outs, write_features, partial_ptr);
+        auto kernel = aggregate_backward_kernel<scalar_t, decltype(vec)::value>;
+        DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, g, outs, write_features, partial_ptr);
       });
       if (need_beta) grad_beta = finish_beta_grad<A>(L, partials, nullptr, A(1), beta);
     });
@@ -136,7 +135,7 @@ struct CudaBackend {
   }
 
   static void bridge_forward(const MapBatch& batch, const Tensor& beta, double eps, Tensor loss, Tensor stats) {
-    const c10::cuda::CUDAGuard guard(loss.device());
+    DFA_DEVICE_GUARD(loss.device());
     DFA_CUDA_DISPATCH(batch.student.scalar_type(), "dfa_bridge_st_loss_cuda", [&] {
       using A = acc_type<scalar_t>;
       Launch<scalar_t> L(batch, beta, std::nullopt);
@@ -145,20 +144,20 @@ struct CudaBackend {
       const int width = 2 * L.args.K + 1;
       Tensor partials = L.partials(width);
       L.run([&](auto vec) {
-        bridge_forward_kernel<scalar_t, decltype(vec)::value>
-            <<<L.blocks, kThreads, 0, L.stream>>>(L.args, s, partials.mutable_data_ptr<A>());
+        auto kernel = bridge_forward_kernel<scalar_t, decltype(vec)::value>;
+        DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, s, partials.mutable_data_ptr<A>());
       });
       if (L.B == 0) return;
-      bridge_forward_finish_kernel<A><<<finish_blocks(L.B), kFinishThreads, 0, L.stream>>>(
-          partials.const_data_ptr<A>(), L.args.beta, L.B, L.args.chunks, L.args.K, eps, loss.mutable_data_ptr<A>(),
-          stats.mutable_data_ptr<A>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto finish = bridge_forward_finish_kernel<A>;
+      DFA_LAUNCH(finish, finish_blocks(L.B), kFinishThreads, L.stream, partials.const_data_ptr<A>(), L.args.beta, L.B,
+                 L.args.chunks, L.args.K, eps, loss.mutable_data_ptr<A>(), stats.mutable_data_ptr<A>());
+      DFA_LAUNCH_CHECK();
     });
   }
 
   static Tensor bridge_backward(const MapBatch& batch, const Tensor& beta, const Tensor& grad, const Tensor& stats,
                                 double eps, Tensor grad_student, bool need_beta, std::vector<Tensor>& grad_features) {
-    const c10::cuda::CUDAGuard guard(batch.student.device());
+    DFA_DEVICE_GUARD(batch.student.device());
     Tensor grad_beta;
     DFA_CUDA_DISPATCH(batch.student.scalar_type(), "dfa_bridge_st_loss_backward_cuda", [&] {
       using A = acc_type<scalar_t>;
@@ -168,10 +167,11 @@ struct CudaBackend {
       Tensor terms = at::empty({L.B, 4}, L.beta.options());
       Tensor grad_beta_acc = need_beta ? at::empty({L.args.K}, L.beta.options()) : Tensor();
       if (L.B > 0 || need_beta) {
-        bridge_backward_terms_kernel<A><<<1, std::max(kFinishThreads, kMaxK), 0, L.stream>>>(
-            st.const_data_ptr<A>(), g.const_data_ptr<A>(), L.args.beta, L.B, L.args.K, eps,
-            terms.mutable_data_ptr<A>(), need_beta ? grad_beta_acc.mutable_data_ptr<A>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto prepare = bridge_backward_terms_kernel<A>;
+        DFA_LAUNCH(prepare, 1, std::max(kFinishThreads, kMaxK), L.stream, st.const_data_ptr<A>(),
+                   g.const_data_ptr<A>(), L.args.beta, L.B, L.args.K, eps, terms.mutable_data_ptr<A>(),
+                   need_beta ? grad_beta_acc.mutable_data_ptr<A>() : nullptr);
+        DFA_LAUNCH_CHECK();
       }
       if (need_beta) grad_beta = grad_beta_acc.to(beta.scalar_type());
       const auto outs = L.outputs(grad_features);
@@ -182,15 +182,16 @@ struct CudaBackend {
       L.check_alignment(s);
       if (ds == nullptr && !write_features) return;
       L.run([&](auto vec) {
-        bridge_backward_kernel<scalar_t, decltype(vec)::value>
-            <<<L.blocks, kThreads, 0, L.stream>>>(L.args, s, terms.const_data_ptr<A>(), ds, outs, write_features);
+        auto kernel = bridge_backward_kernel<scalar_t, decltype(vec)::value>;
+        DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, s, terms.const_data_ptr<A>(), ds, outs,
+                   write_features);
       });
     });
     return grad_beta;
   }
 
   static void partial_l2_forward(const MapBatch& batch, const Tensor& beta, const OptTensor& margins, Tensor loss) {
-    const c10::cuda::CUDAGuard guard(loss.device());
+    DFA_DEVICE_GUARD(loss.device());
     DFA_CUDA_DISPATCH(batch.student.scalar_type(), "dfa_partial_l2_cuda", [&] {
       using A = acc_type<scalar_t>;
       Launch<scalar_t> L(batch, beta, margins);
@@ -198,20 +199,21 @@ struct CudaBackend {
       L.check_alignment(s);
       Tensor partials = L.partials(1);
       L.run([&](auto vec) {
-        partial_l2_forward_kernel<scalar_t, decltype(vec)::value>
-            <<<L.blocks, kThreads, 0, L.stream>>>(L.args, s, partials.mutable_data_ptr<A>());
+        auto kernel = partial_l2_forward_kernel<scalar_t, decltype(vec)::value>;
+        DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, s, partials.mutable_data_ptr<A>());
       });
       if (L.B == 0) return;
-      partial_l2_forward_finish_kernel<A><<<finish_blocks(L.B), kFinishThreads, 0, L.stream>>>(
-          partials.const_data_ptr<A>(), L.B, L.args.chunks, loss.mutable_data_ptr<A>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto finish = partial_l2_forward_finish_kernel<A>;
+      DFA_LAUNCH(finish, finish_blocks(L.B), kFinishThreads, L.stream, partials.const_data_ptr<A>(), L.B,
+                 L.args.chunks, loss.mutable_data_ptr<A>());
+      DFA_LAUNCH_CHECK();
     });
   }
 
   static Tensor partial_l2_backward(const MapBatch& batch, const Tensor& beta, const OptTensor& margins,
                                     const Tensor& grad, Tensor grad_student, bool need_beta,
                                     std::vector<Tensor>& grad_features) {
-    const c10::cuda::CUDAGuard guard(batch.student.device());
+    DFA_DEVICE_GUARD(batch.student.device());
     Tensor grad_beta;
     DFA_CUDA_DISPATCH(batch.student.scalar_type(), "dfa_partial_l2_backward_cuda", [&] {
       using A = acc_type<scalar_t>;
@@ -226,8 +228,9 @@ struct CudaBackend {
       Tensor partials = need_beta ? L.partials(L.args.K) : Tensor();
       A* partial_ptr = need_beta ? partials.mutable_data_ptr<A>() : nullptr;
       L.run([&](auto vec) {
-        partial_l2_backward_kernel<scalar_t, decltype(vec)::value><<<L.blocks, kThreads, 0, L.stream>>>(
-            L.args, s, g.const_data_ptr<A>(), ds, outs, write_features, partial_ptr);
+        auto kernel = partial_l2_backward_kernel<scalar_t, decltype(vec)::value>;
+        DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, s, g.const_data_ptr<A>(), ds, outs, write_features,
+                   partial_ptr);
       });
       // dL/dalpha_j = -sum_b g_b <e_b, sigma_j(T_j)>
       if (need_beta) grad_beta = finish_beta_grad<A>(L, partials, g.const_data_ptr<A>(), A(-1), beta);
@@ -239,17 +242,19 @@ struct CudaBackend {
   static Tensor finish_beta_grad(const Launch<T>& L, const Tensor& partials, const A* sample_weight, A sign,
                                  const Tensor& beta) {
     Tensor out = at::empty({L.args.K}, L.beta.options());
-    beta_grad_from_partials_kernel<A><<<1, kMaxK, 0, L.stream>>>(
-        maybe_ptr<A>(partials), L.args.beta, sample_weight, sign, L.B, L.args.chunks, L.args.K,
-        out.mutable_data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto kernel = beta_grad_from_partials_kernel<A>;
+    DFA_LAUNCH(kernel, 1, kMaxK, L.stream, maybe_ptr<A>(partials), L.args.beta, sample_weight, sign, L.B,
+               L.args.chunks, L.args.K, out.mutable_data_ptr<A>());
+    DFA_LAUNCH_CHECK();
     return out.to(beta.scalar_type());
   }
 };
 
 }  // namespace
 
+#ifndef DFA_CUDA_EMULATION
 DFA_REGISTER_BACKEND(CUDA, CudaBackend)
+#endif
 
 }  // namespace cuda
 }  // namespace dfa

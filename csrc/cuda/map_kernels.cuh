@@ -94,6 +94,16 @@ struct Tile {
     }
   }
 
+  // 1 for this thread's elements inside the sample, 0 for the padding past its end (whose zero
+  // loads would otherwise become margins, i.e. possibly positive targets, after sigma).
+  template <typename A>
+  __device__ void inside(A (&flag)[kItems]) const {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) flag[it * VEC + e] = valid(it) ? A(1) : A(0);
+  }
+
   // Channel of each element (one division per vector, then increments).
   __device__ void channels(int64_t C, int64_t inner, int (&ch)[kItems]) const {
 #pragma unroll
@@ -305,14 +315,15 @@ __global__ void __launch_bounds__(kThreads) partial_l2_forward_kernel(MapArgs<T>
   const auto tile = begin_block<T, VEC>(args, alpha);
   int ch[kItems];
   tile_channels(args, tile, ch);
-  A s[kItems], t[kItems];
+  A s[kItems], t[kItems], in[kItems];
   tile.load(student, s);
+  tile.inside(in);
   aggregate_tile(args, tile, alpha, ch, t);
   A total = 0;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const A d = s[i] - t[i];
-    total += d * d * math::partial_l2_mask(s[i], t[i]);
+    total += d * d * math::partial_l2_mask(s[i], t[i]) * in[i];
   }
   sums.add(0, total);
   sums.write(partials + blockIdx.x, 1);
@@ -330,11 +341,12 @@ __global__ void __launch_bounds__(kThreads)
   const A gb = grad[blockIdx.x / args.chunks];
   int ch[kItems];
   tile_channels(args, tile, ch);
-  A s[kItems], e[kItems];
+  A s[kItems], e[kItems], in[kItems];
   tile.load(student, s);
+  tile.inside(in);
   aggregate_tile(args, tile, alpha, ch, e);
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]);
+  for (int i = 0; i < kItems; ++i) e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]) * in[i];
   if (grad_student != nullptr) {
     A d[kItems];
 #pragma unroll

@@ -1,0 +1,91 @@
+// A small CPU emulation of the CUDA execution model, enough to run csrc/cuda's kernels on the host:
+// every block is run with one std::thread per CUDA thread, __shared__ variables are shared by the
+// threads of the (one running) block, __syncthreads is a block barrier and __shfl_down_sync a warp
+// exchange.  It exists so that the CUDA kernels' indexing, vectorisation, reductions and launch
+// logic are tested on machines without a GPU; include it before csrc/cuda/dfa_cuda.cu.
+#pragma once
+
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define DFA_CUDA_EMULATION 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static  // one running block at a time: function statics are its shared memory
+
+struct EmuDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local EmuDim3 threadIdx;
+inline thread_local EmuDim3 blockIdx;
+inline thread_local EmuDim3 blockDim;
+using cudaStream_t = void*;
+
+namespace dfa_emu {
+
+struct BlockState {
+  explicit BlockState(unsigned threads)
+      : block_barrier(threads), warps(threads / 32) {
+    for (auto& w : warps) w = std::make_unique<Warp>();
+  }
+  struct Warp {
+    std::barrier<> barrier{32};
+    uint64_t lanes[32];
+  };
+  std::barrier<> block_barrier;
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+
+inline thread_local BlockState* current_block = nullptr;
+
+// Runs kernel(args...) for every thread of every block (blocks one after another).
+template <typename Kernel, typename... Args>
+void launch(int64_t blocks, int threads, Kernel kernel, Args... args) {
+  if (threads % 32 != 0) throw std::runtime_error("cuda_emulation: block size must be a multiple of 32");
+  for (int64_t b = 0; b < blocks; ++b) {
+    BlockState state(threads);
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, b, t] {
+        threadIdx.x = t;
+        blockIdx.x = static_cast<unsigned>(b);
+        blockDim.x = threads;
+        current_block = &state;
+        kernel(args...);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+}  // namespace dfa_emu
+
+inline void __syncthreads() { dfa_emu::current_block->block_barrier.arrive_and_wait(); }
+
+// All 32 lanes of the warp must call it (as on the device with a full mask).
+template <typename T>
+T __shfl_down_sync(unsigned /*mask*/, T value, unsigned offset) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  auto& warp = *dfa_emu::current_block->warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x % 32;
+  std::memcpy(&warp.lanes[lane], &value, sizeof(T));
+  warp.barrier.arrive_and_wait();
+  T result = value;
+  if (lane + offset < 32) std::memcpy(&result, &warp.lanes[lane + offset], sizeof(T));
+  warp.barrier.arrive_and_wait();
+  return result;
+}
+
+#define DFA_LAUNCH(kernel, blocks, threads, stream, ...) ::dfa_emu::launch((blocks), (threads), kernel, __VA_ARGS__)
+#define DFA_LAUNCH_CHECK() ((void)0)
+#define DFA_DEVICE_GUARD(device) ((void)(device))
+#define DFA_CURRENT_STREAM(device_index) ((void)(device_index), cudaStream_t{nullptr})
