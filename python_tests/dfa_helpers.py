@@ -96,24 +96,29 @@ def randn(shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype = torch
 def make_inputs(shape: Sequence[int], k: int, *, dtype: torch.dtype = torch.float64, layout: str = "contiguous",
                 student_layout: Optional[str] = None, margins: bool = False,
                 beta_dtype: Optional[torch.dtype] = None, seed: int = 0,
-                requires_grad: Sequence[str] = ("student", "beta", "features")) -> Inputs:
+                requires_grad: Sequence[str] = ("student", "beta", "features"),
+                device: Optional[torch.device | str] = None) -> Inputs:
     """Random inputs of one call.
 
     Maps are standard normal; margins are drawn from the same distribution as the maps, so elements
     fall on both sides of their margin.  ``requires_grad`` names the leaves that require grad
-    ("student", "beta", "features", or "features[j]" for single maps).
+    ("student", "beta", "features", or "features[j]" for single maps).  ``device`` (default CPU)
+    places every tensor there with the same values and strides as on CPU for the same seed.
     """
     gen = torch.Generator().manual_seed(seed)
     student_layout = layout if student_layout is None else student_layout
+    device = torch.device("cpu") if device is None else torch.device(device)
 
     def leaf(t: torch.Tensor, name: str) -> torch.Tensor:
+        if t.device != device:  # same strides (and so the same layout) on the target device
+            t = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
         return t.detach().requires_grad_(name in requires_grad)
 
     features = [leaf(to_layout(randn(shape, gen, dtype), layout),
                      "features" if "features" in requires_grad else f"features[{j}]") for j in range(k)]
     student = leaf(to_layout(randn(shape, gen, dtype), student_layout), "student")
     beta = leaf(randn([k], gen, beta_dtype or dtype), "beta")
-    m = randn([k, shape[1]], gen, dtype) if margins else None
+    m = randn([k, shape[1]], gen, dtype).to(device) if margins else None
     return Inputs(student, features, beta, m)
 
 

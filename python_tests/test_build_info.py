@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import dfa_ext
@@ -28,6 +29,25 @@ def test_cuda_false_without_gpu() -> None:
         assert info["cuda"] is False
     if not info["cuda_compiled"]:
         assert info["cuda"] is False
+
+
+def test_force_cuda_build_has_cuda_kernels() -> None:
+    """A build with FORCE_CUDA=1 (what CI does) and an nvcc under CUDA_HOME must contain the CUDA
+    kernels, GPU or not: kernels()['cuda_compiled'] proves the .cu files were compiled in."""
+    if os.environ.get("FORCE_CUDA") != "1":
+        pytest.skip("FORCE_CUDA is not '1': a build without it may legitimately be CPU-only")
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        pytest.skip(f"no nvcc at {nvcc}: setup.py builds CPU kernels only without a CUDA toolkit")
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is a CPU-only build: setup.py cannot build CUDA kernels against it")
+    if os.environ.get("FORCE_CPU", "0").lower() in ("1", "true", "yes", "on"):
+        pytest.skip("FORCE_CPU is set: setup.py builds CPU kernels only")
+    assert dfa_ext.kernels()["cuda_compiled"] is True, (
+        f"FORCE_CUDA=1 and {nvcc} exists, but dfa_ext was built without CUDA kernels: rebuild "
+        f"(pip install --no-build-isolation -e . with FORCE_CUDA=1 CUDA_HOME={cuda_home}) and check that "
+        f"setup.py printed 'building kernels: cpu + cuda'")
 
 
 def test_import_with_no_gpu_visible() -> None:

@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The GPU-machine check of dfa_ext, in one script: build from source with the CUDA kernels, run the
+# CUDA tests (python_tests/test_cuda.py) and the quick CPU value tests, then the CUDA benchmark.
+#
+#     bash bench/gpu_check.sh                 # from the repository root
+#     OUT=/some/dir bash bench/gpu_check.sh   # also keep the logs and bench_cuda.md there
+#
+# Made for a machine without network access and with torch preinstalled for python3 (e.g. torch
+# 2.11 on Python 3.12), nvcc under /usr/local/cuda and 16 cores.  Nothing is downloaded: a missing
+# pytest skips the tests (with a message) and the benchmark still runs.
+#
+# Time: about 8 minutes in all.  Each step runs under `timeout`; the build gets up to 300 s, the CUDA
+# tests 180 s, the CPU tests 60 s and the benchmark what is left of GPU_CHECK_BUDGET_S (default 480 s;
+# at least 90 s, and never past 570 s from the start).  A failing or timed-out step is reported and
+# the script goes on; it exits 0 only when every step passed.  The benchmark table is printed last.
+#
+# Environment knobs: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda),
+# TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), MAX_JOBS (default 16), GPU_CHECK_BUDGET_S,
+# GPU_CHECK_PYTEST_STOP (default -x; e.g. --maxfail=30 to see more than the first failure),
+# SKIP_BUILD=1 / SKIP_TESTS=1 / SKIP_BENCH=1 to rerun only some steps on a warm machine.
+set -u
+set -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || { echo "gpu_check: cannot cd to the repository root"; exit 2; }
+
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+HARD_LIMIT=570
+PYTEST_STOP=${GPU_CHECK_PYTEST_STOP--x}
+read -r -a STOP_ARGS <<<"$PYTEST_STOP"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+export FORCE_CUDA=1  # build the CUDA kernels even if torch cannot see the GPU (the tests then say so)
+export PYTHONUNBUFFERED=1
+
+if [ -n "${OUT:-}" ]; then
+  LOGS=$OUT
+else
+  LOGS=$(mktemp -d "${TMPDIR:-/tmp}/dfa_gpu_check.XXXXXX")
+fi
+mkdir -p "$LOGS"
+
+START=$SECONDS
+declare -a SUMMARY=()
+FAILED=0
+
+section() { printf '\n==== %s  (t=%ds)\n' "$1" "$((SECONDS - START))"; }
+
+# record NAME RC: one summary line per step.
+record() {
+  local name=$1 rc=$2 what
+  case $rc in
+    0) what="ok" ;;
+    124 | 137) what="TIMED OUT (rc $rc)"; FAILED=1 ;;
+    *) what="FAILED (rc $rc)"; FAILED=1 ;;
+  esac
+  SUMMARY+=("$(printf '%-22s %s  (t=%ds)' "$name" "$what" "$((SECONDS - START))")")
+}
+
+# seconds for a step: its cap, never past the hard limit (at least 10).
+cap() {
+  local want=$1 room=$((HARD_LIMIT - (SECONDS - START)))
+  ((want > room)) && want=$room
+  ((want < 10)) && want=10
+  echo "$want"
+}
+
+# ------------------------------------------------------------------------------------------------
+section "machine"
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "host: $(uname -srm), $(nproc) cores"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+  else
+    echo "nvidia-smi: not found"
+  fi
+  if [ -x "$CUDA_HOME/bin/nvcc" ]; then
+    "$CUDA_HOME/bin/nvcc" --version | tail -n 2
+  else
+    echo "nvcc: none at $CUDA_HOME/bin/nvcc (the CUDA kernels cannot be built)"
+  fi
+  "$PY" - <<'EOF'
+import platform, sys
+print(f"python {platform.python_version()} ({sys.executable})")
+try:
+    import torch
+except Exception as e:  # noqa: BLE001
+    print(f"torch: cannot import ({e!r})")
+    raise SystemExit(0)
+print(f"torch {torch.__version__}, built for CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device 0: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible")
+from torch.utils.cpp_extension import is_ninja_available
+print(f"ninja: {is_ninja_available()} (without it the build compiles one file at a time)")
+for mod in ("setuptools", "pytest", "triton"):
+    try:
+        m = __import__(mod)
+        print(f"{mod} {getattr(m, '__version__', '?')}")
+    except Exception:  # noqa: BLE001
+        print(f"{mod}: not installed")
+EOF
+} 2>&1 | tee "$LOGS/machine.txt"
+
+# ------------------------------------------------------------------------------------------------
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  section "build (CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
+  timeout -k 10 "$(cap 300)" "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1
+  rc=$?
+  grep -E "dfa_ext: building kernels" "$LOGS/build.log" | tail -n 1
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ]; then
+    echo "pip install -e . failed (rc $rc); last lines:"
+    tail -n 15 "$LOGS/build.log"
+    echo "falling back to: $PY setup.py build_ext --inplace (imported through PYTHONPATH=$PWD)"
+    timeout -k 10 "$(cap 300)" "$PY" setup.py build_ext --inplace >"$LOGS/build_inplace.log" 2>&1
+    rc=$?
+    grep -E "dfa_ext: building kernels" "$LOGS/build_inplace.log" | tail -n 1
+    [ $rc -ne 0 ] && tail -n 30 "$LOGS/build_inplace.log"
+  elif [ $rc -ne 0 ]; then
+    echo "build timed out; last lines:"
+    tail -n 15 "$LOGS/build.log"
+  fi
+  record "build" "$rc"
+else
+  echo "SKIP_BUILD=1: using the extension already built"
+fi
+# The in-place extension is found from the repository root either way (also by bench/bench_ops.py,
+# which does not run from the root, and after the setup.py fallback, which installs nothing).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+section "import"
+"$PY" - <<'EOF' 2>&1 | tee "$LOGS/import.txt"
+import torch, dfa_ext
+k = dfa_ext.kernels()
+print(f"dfa_ext {dfa_ext.__version__} from {dfa_ext.__file__}: kernels() = {k}")
+if not torch.cuda.is_available():
+    raise SystemExit("torch sees no CUDA GPU (driver, CUDA_VISIBLE_DEVICES?): the CUDA tests will be skipped")
+if not k["cuda"]:
+    raise SystemExit("a GPU is visible but the CUDA kernels are not in the extension: see build.log")
+f = [torch.randn(4, 8, 16, 16, device="cuda") for _ in range(3)]
+b = torch.randn(3, device="cuda")
+torch.testing.assert_close(dfa_ext.ops.aggregate(f, b), dfa_ext.reference.aggregate(f, b))
+print("smoke test on CUDA: ok")
+EOF
+record "import + smoke test" $?
+
+# ------------------------------------------------------------------------------------------------
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  if "$PY" -c "import pytest" >/dev/null 2>&1; then
+    section "CUDA tests: pytest python_tests/test_cuda.py $PYTEST_STOP"
+    # SIGINT on timeout: pytest stops and still prints its summary.
+    timeout -s INT -k 15 "$(cap 180)" "$PY" -m pytest python_tests/test_cuda.py -q "${STOP_ARGS[@]}" -rfEs \
+      --tb=short -p no:cacheprovider --durations=5 2>&1 | tee "$LOGS/pytest_cuda.txt"
+    record "CUDA tests" $?
+
+    section "CPU tests: pytest python_tests/test_values_and_grads.py"
+    timeout -s INT -k 15 "$(cap 60)" "$PY" -m pytest python_tests/test_values_and_grads.py -q -rfE --tb=short \
+      -p no:cacheprovider 2>&1 | tee "$LOGS/pytest_cpu.txt" | tail -n 15
+    record "CPU value tests" $?
+  else
+    section "tests"
+    echo "pytest is not installed for $PY (and there is no network to install it): tests SKIPPED." \
+      "Install pytest into this Python beforehand to run python_tests/test_cuda.py." | tee "$LOGS/pytest_cuda.txt"
+    SUMMARY+=("$(printf '%-22s %s' "tests" "SKIPPED (no pytest)")")
+    FAILED=1
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+TABLE="$LOGS/bench_cuda.md"
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  left=$((BUDGET - (SECONDS - START)))
+  ((left < 90)) && left=90
+  section "benchmark (up to $(cap "$left") s)"
+  rm -f "$TABLE"
+  # per-row progress (stderr) is shown live and kept in bench.log; the table goes to $TABLE (and
+  # bench_stdout.txt) and is printed at the end.
+  timeout -s INT -k 15 "$(cap "$left")" "$PY" bench/bench_ops.py --device cuda --dtypes float32 bfloat16 \
+    --shapes 64x64x16x16x6 128x128x8x8x9 256x256x32x32x8 --markdown "$TABLE" \
+    2>&1 >"$LOGS/bench_stdout.txt" | tee "$LOGS/bench.log"
+  record "benchmark" $?
+fi
+
+# ------------------------------------------------------------------------------------------------
+section "summary (logs in $LOGS)"
+for line in "${SUMMARY[@]}"; do echo "  $line"; done
+if [ -f "$LOGS/pytest_cuda.txt" ]; then
+  echo "  CUDA tests: $(grep -E '[0-9]+ (passed|failed|error|skipped)' "$LOGS/pytest_cuda.txt" | tail -n 1)"
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  echo
+  if [ -s "$TABLE" ]; then
+    cat "$TABLE"
+  else
+    echo "no benchmark table (the benchmark failed or ran out of time); rows it finished:"
+    grep -vE "^(Traceback|  |\w+Error|KeyboardInterrupt)" "$LOGS/bench.log" | tail -n 20
+  fi
+fi
+exit $FAILED
