@@ -21,19 +21,20 @@
 #define __launch_bounds__(...)
 #define __shared__ static  // one running block at a time: function statics are its shared memory
 
-struct EmuDim3 {
-  unsigned x = 0, y = 0, z = 0;
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-inline thread_local EmuDim3 threadIdx;
-inline thread_local EmuDim3 blockIdx;
-inline thread_local EmuDim3 blockDim;
+inline thread_local dim3 threadIdx;
+inline thread_local dim3 blockIdx;
+inline thread_local dim3 blockDim;
 using cudaStream_t = void*;
 
 namespace dfa_emu {
 
 struct BlockState {
   explicit BlockState(unsigned threads)
-      : block_barrier(threads), warps(threads / 32) {
+      : block_barrier(threads), warps(threads / 32) {  // shuffles need whole warps
     for (auto& w : warps) w = std::make_unique<Warp>();
   }
   struct Warp {
@@ -48,23 +49,29 @@ inline thread_local BlockState* current_block = nullptr;
 
 // Runs kernel(args...) for every thread of every block (blocks one after another).
 template <typename Kernel, typename... Args>
-void launch(int64_t blocks, int threads, Kernel kernel, Args... args) {
-  if (threads % 32 != 0) throw std::runtime_error("cuda_emulation: block size must be a multiple of 32");
-  for (int64_t b = 0; b < blocks; ++b) {
-    BlockState state(threads);
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, b, t] {
-        threadIdx.x = t;
-        blockIdx.x = static_cast<unsigned>(b);
-        blockDim.x = threads;
-        current_block = &state;
-        kernel(args...);
-      });
+void launch(dim3 grid, int threads, Kernel kernel, Args... args) {
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      BlockState state(threads);
+      std::vector<std::thread> pool;
+      pool.reserve(threads);
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, bx, by, t] {
+          threadIdx = dim3(t);
+          blockIdx = dim3(bx, by);
+          blockDim = dim3(threads);
+          current_block = &state;
+          kernel(args...);
+        });
+      }
+      for (auto& th : pool) th.join();
     }
-    for (auto& th : pool) th.join();
   }
+}
+
+template <typename Kernel, typename... Args>
+void launch(int64_t blocks, int threads, Kernel kernel, Args... args) {
+  launch(dim3(static_cast<unsigned>(blocks)), threads, kernel, args...);
 }
 
 }  // namespace dfa_emu

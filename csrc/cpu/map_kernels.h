@@ -126,6 +126,23 @@ inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __r
   }
 }
 
+// The gradient of every map from an upstream gradient u of the aggregation, for one block:
+// grad_features[j] = scale * alpha_j * u * [T_j >= m_j] (when given) and, when partials is given,
+// partials[j] += <u, sigma_j(T_j)> (the beta gradient's dot products).
+template <typename T, typename A>
+inline void map_grads_block(const MapJob<T>& job, int64_t off, int64_t L, const A* __restrict u, A scale,
+                            T* const* grad_features, double* partials, A* __restrict tmp) {
+  for (int j = 0; j < job.K; ++j) {
+    if (partials != nullptr) {
+      const A* x = view_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
+      partials[j] += dot(u, x, L);
+    }
+    if (grad_features != nullptr)
+      store_feature_grad(job, job.features[j] + off, u, scale * job.alpha[j], grad_features[j] + off, off, L,
+                         margin_row(job, j));
+  }
+}
+
 // Calls fn(item, sample, flat offset, length) for every block of work items [begin, end).
 template <typename T, typename Fn>
 inline void for_each_block(const MapJob<T>& job, int64_t begin, int64_t end, Fn&& fn) {
@@ -160,15 +177,7 @@ void aggregate_backward(const MapJob<T>& job, const T* grad, T* const* grad_feat
   A gbuf[kBlock], tmp[kBlock];
   for_each_block(job, begin, end, [&](int64_t item, int64_t, int64_t off, int64_t L) {
     const A* g = view(grad + off, gbuf, L);
-    for (int j = 0; j < job.K; ++j) {
-      if (partials != nullptr) {
-        const A* x = view_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
-        partials[item * job.K + j] += dot(g, x, L);
-      }
-      if (grad_features != nullptr)
-        store_feature_grad(job, job.features[j] + off, g, job.alpha[j], grad_features[j] + off, off, L,
-                           margin_row(job, j));
-    }
+    map_grads_block(job, off, L, g, A(1), grad_features, partials == nullptr ? nullptr : partials + item * job.K, tmp);
   });
 }
 
@@ -263,15 +272,7 @@ void partial_l2_backward(const MapJob<T>& job, const T* student, const acc_type<
       T* __restrict o = grad_student + off;
       for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(gb * e[i]);
     }
-    for (int j = 0; j < job.K; ++j) {
-      if (partials != nullptr) {
-        const A* x = view_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
-        partials[item * job.K + j] += dot(e, x, L);
-      }
-      if (grad_features != nullptr)
-        store_feature_grad(job, job.features[j] + off, e, -gb * job.alpha[j], grad_features[j] + off, off, L,
-                           margin_row(job, j));
-    }
+    map_grads_block(job, off, L, e, -gb, grad_features, partials == nullptr ? nullptr : partials + item * job.K, tmp);
   });
 }
 

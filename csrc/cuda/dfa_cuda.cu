@@ -84,15 +84,33 @@ struct Launch {
   }
 
   Tensor partials(int width) const { return at::empty({blocks, width}, beta.options()); }
+
+  // Per segment, the column sums (double) of x = [segments * rows_per_segment, width] in A, each
+  // row weighted by sign * row_weight[row / weight_period] (or sign alone).
+  Tensor segment_sums(const Tensor& x, int64_t segments, int64_t rows_per_segment, int width,
+                      const A* row_weight = nullptr, int64_t weight_period = 1, double sign = 1.0) const {
+    Tensor out = at::empty({segments, width}, beta.options().dtype(at::kDouble));
+    if (segments == 0 || width == 0) return out;
+    auto kernel = segment_column_sums_kernel<A>;
+    DFA_LAUNCH(kernel, dim3(static_cast<unsigned>(segments), static_cast<unsigned>(width)), kReduceThreads, stream,
+               x.const_data_ptr<A>(), rows_per_segment, width, row_weight, std::max<int64_t>(weight_period, 1), sign,
+               out.mutable_data_ptr<double>());
+    DFA_LAUNCH_CHECK();
+    return out;
+  }
+
+  // dL/dbeta in the dtype of beta_in from dL/dalpha (K doubles on the device).
+  Tensor beta_grad(const Tensor& grad_alpha, const Tensor& beta_in) const {
+    Tensor out = at::empty({args.K}, beta.options());
+    auto kernel = softmax_backward_kernel<A>;
+    DFA_LAUNCH(kernel, 1, 1, stream, args.beta, grad_alpha.const_data_ptr<double>(), args.K, out.mutable_data_ptr<A>());
+    DFA_LAUNCH_CHECK();
+    return out.to(beta_in.scalar_type());
+  }
 };
 
 #define DFA_CUDA_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
-
-template <typename T>
-const T* maybe_ptr(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
 
 constexpr int kFinishThreads = 128;
 
@@ -118,18 +136,19 @@ struct CudaBackend {
     Tensor grad_beta;
     DFA_CUDA_DISPATCH(batch.grad.scalar_type(), "dfa_aggregate_backward_cuda", [&] {
       using A = acc_type<scalar_t>;
+      const bool write_features = !grad_features.empty();
+      if (!need_beta && !write_features) return;
       Launch<scalar_t> L(batch, beta, margins);
       const scalar_t* g = batch.grad.const_data_ptr<scalar_t>();
       L.check_alignment(g);
       const auto outs = L.outputs(grad_features);
-      const bool write_features = !grad_features.empty();
       Tensor partials = need_beta ? L.partials(L.args.K) : Tensor();
       A* partial_ptr = need_beta ? partials.mutable_data_ptr<A>() : nullptr;
       L.run([&](auto vec) {
         auto kernel = aggregate_backward_kernel<scalar_t, decltype(vec)::value>;
         DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, g, outs, write_features, partial_ptr);
       });
-      if (need_beta) grad_beta = finish_beta_grad<A>(L, partials, nullptr, A(1), beta);
+      if (need_beta) grad_beta = L.beta_grad(L.segment_sums(partials, 1, L.blocks, L.args.K), beta);
     });
     return grad_beta;
   }
@@ -148,9 +167,11 @@ struct CudaBackend {
         DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, s, partials.mutable_data_ptr<A>());
       });
       if (L.B == 0) return;
-      auto finish = bridge_forward_finish_kernel<A>;
-      DFA_LAUNCH(finish, finish_blocks(L.B), kFinishThreads, L.stream, partials.const_data_ptr<A>(), L.args.beta, L.B,
-                 L.args.chunks, L.args.K, eps, loss.mutable_data_ptr<A>(), stats.mutable_data_ptr<A>());
+      const Tensor sums = L.segment_sums(partials, L.B, L.args.chunks, width);  // [B, 2K + 1]
+      stats.copy_(sums);
+      auto finish = bridge_loss_kernel<A>;
+      DFA_LAUNCH(finish, finish_blocks(L.B), kFinishThreads, L.stream, sums.const_data_ptr<double>(), L.args.beta, L.B,
+                 L.args.K, eps, loss.mutable_data_ptr<A>());
       DFA_LAUNCH_CHECK();
     });
   }
@@ -164,16 +185,17 @@ struct CudaBackend {
       Launch<scalar_t> L(batch, beta, std::nullopt);
       const Tensor g = grad.to(acc_dtype<scalar_t>()).contiguous();
       const Tensor st = stats.to(acc_dtype<scalar_t>()).contiguous();
+      // Per sample: the coefficients of dL/ds and dL/dA (times g_b) and each sample's share of
+      // dL/dalpha, from the saved dots; their column sums give the beta gradient.
       Tensor terms = at::empty({L.B, 4}, L.beta.options());
-      Tensor grad_beta_acc = need_beta ? at::empty({L.args.K}, L.beta.options()) : Tensor();
-      if (L.B > 0 || need_beta) {
-        auto prepare = bridge_backward_terms_kernel<A>;
-        DFA_LAUNCH(prepare, 1, std::max(kFinishThreads, kMaxK), L.stream, st.const_data_ptr<A>(),
-                   g.const_data_ptr<A>(), L.args.beta, L.B, L.args.K, eps, terms.mutable_data_ptr<A>(),
-                   need_beta ? grad_beta_acc.mutable_data_ptr<A>() : nullptr);
+      Tensor contrib = at::empty({L.B, L.args.K}, L.beta.options());
+      if (L.B > 0) {
+        auto prepare = bridge_terms_kernel<A>;
+        DFA_LAUNCH(prepare, finish_blocks(L.B), kFinishThreads, L.stream, st.const_data_ptr<A>(), g.const_data_ptr<A>(),
+                   L.args.beta, L.B, L.args.K, eps, terms.mutable_data_ptr<A>(), contrib.mutable_data_ptr<A>());
         DFA_LAUNCH_CHECK();
       }
-      if (need_beta) grad_beta = grad_beta_acc.to(beta.scalar_type());
+      if (need_beta) grad_beta = L.beta_grad(L.segment_sums(contrib, 1, L.B, L.args.K), beta);
       const auto outs = L.outputs(grad_features);
       const bool write_features = !grad_features.empty();
       scalar_t* ds = grad_student.defined() ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
@@ -203,10 +225,7 @@ struct CudaBackend {
         DFA_LAUNCH(kernel, L.blocks, kThreads, L.stream, L.args, s, partials.mutable_data_ptr<A>());
       });
       if (L.B == 0) return;
-      auto finish = partial_l2_forward_finish_kernel<A>;
-      DFA_LAUNCH(finish, finish_blocks(L.B), kFinishThreads, L.stream, partials.const_data_ptr<A>(), L.B,
-                 L.args.chunks, loss.mutable_data_ptr<A>());
-      DFA_LAUNCH_CHECK();
+      loss.copy_(L.segment_sums(partials, L.B, L.args.chunks, 1).view({L.B}));
     });
   }
 
@@ -233,20 +252,10 @@ struct CudaBackend {
                    partial_ptr);
       });
       // dL/dalpha_j = -sum_b g_b <e_b, sigma_j(T_j)>
-      if (need_beta) grad_beta = finish_beta_grad<A>(L, partials, g.const_data_ptr<A>(), A(-1), beta);
+      if (need_beta)
+        grad_beta = L.beta_grad(L.segment_sums(partials, 1, L.blocks, L.args.K, g.const_data_ptr<A>(), L.args.chunks, -1.0), beta);
     });
     return grad_beta;
-  }
-
-  template <typename A, typename T>
-  static Tensor finish_beta_grad(const Launch<T>& L, const Tensor& partials, const A* sample_weight, A sign,
-                                 const Tensor& beta) {
-    Tensor out = at::empty({L.args.K}, L.beta.options());
-    auto kernel = beta_grad_from_partials_kernel<A>;
-    DFA_LAUNCH(kernel, 1, kMaxK, L.stream, maybe_ptr<A>(partials), L.args.beta, sample_weight, sign, L.B,
-               L.args.chunks, L.args.K, out.mutable_data_ptr<A>());
-    DFA_LAUNCH_CHECK();
-    return out.to(beta.scalar_type());
   }
 };
 

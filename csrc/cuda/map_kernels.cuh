@@ -94,16 +94,6 @@ struct Tile {
     }
   }
 
-  // 1 for this thread's elements inside the sample, 0 for the padding past its end (whose zero
-  // loads would otherwise become margins, i.e. possibly positive targets, after sigma).
-  template <typename A>
-  __device__ void inside(A (&flag)[kItems]) const {
-#pragma unroll
-    for (int it = 0; it < kIters; ++it)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) flag[it * VEC + e] = valid(it) ? A(1) : A(0);
-  }
-
   // Channel of each element (one division per vector, then increments).
   __device__ void channels(int64_t C, int64_t inner, int (&ch)[kItems]) const {
 #pragma unroll
@@ -132,12 +122,21 @@ __device__ Tile<T, VEC> begin_block(const MapArgs<T>& args, acc_type<T>* alpha) 
   return Tile<T, VEC>{b * args.N, (item % args.chunks) * kChunk, args.N};
 }
 
-// sigma_j applied in place (no-op without margins); raw values are kept by the caller if needed.
-template <typename A>
-__device__ void apply_margin(A (&x)[kItems], const A* margins_row, const int (&ch)[kItems]) {
+// sigma_j applied in place (no-op without margins).  Padding lanes past the sample's end stay 0
+// rather than becoming margins, so they add nothing to any sum whatever the margins are.
+template <typename T, int VEC>
+__device__ void apply_margin(const Tile<T, VEC>& tile, acc_type<T> (&x)[kItems], const acc_type<T>* margins_row,
+                             const int (&ch)[kItems]) {
   if (margins_row == nullptr) return;
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) x[i] = math::margin_relu(x[i], margins_row[ch[i]]);
+  for (int it = 0; it < Tile<T, VEC>::kIters; ++it) {
+    const bool valid = tile.valid(it);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const int i = it * VEC + e;
+      x[i] = valid ? math::margin_relu(x[i], margins_row[ch[i]]) : acc_type<T>(0);
+    }
+  }
 }
 
 template <typename A>
@@ -190,7 +189,7 @@ __device__ void aggregate_tile(const MapArgs<T>& args, const Tile<T, VEC>& tile,
   for (int j = 0; j < args.K; ++j) {
     A x[kItems];
     tile.load(args.features[j], x);
-    apply_margin(x, margin_row(args, j), ch);
+    apply_margin(tile, x, margin_row(args, j), ch);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) agg[i] += alpha[j] * x[i];
   }
@@ -203,6 +202,32 @@ __device__ void tile_channels(const MapArgs<T>& args, const Tile<T, VEC>& tile, 
   } else {
 #pragma unroll
     for (int i = 0; i < kItems; ++i) ch[i] = 0;
+  }
+}
+
+// The gradient of every map from an upstream gradient u of the aggregation:
+// grad_features[j] = scale * alpha_j * u * [T_j >= m_j] (when written) and, when sums is given,
+// slot j += <u, sigma_j(T_j)> (the beta gradient's dot products).
+template <typename T, int VEC>
+__device__ void map_grads(const MapArgs<T>& args, const Tile<T, VEC>& tile, const int (&ch)[kItems],
+                          const acc_type<T>* alpha, const acc_type<T> (&u)[kItems], acc_type<T> scale,
+                          const MapOutPtrs<T>& grad_features, bool write_features, BlockSums<acc_type<T>>* sums) {
+  using A = acc_type<T>;
+  for (int j = 0; j < args.K; ++j) {
+    A x[kItems];
+    tile.load(args.features[j], x);
+    const A* m = margin_row(args, j);
+    if (write_features) {
+      A d[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i)
+        d[i] = scale * alpha[j] * u[i] * (m == nullptr ? A(1) : math::margin_relu_pass(x[i], m[ch[i]]));
+      tile.store(grad_features.ptr[j], d);
+    }
+    if (sums != nullptr) {
+      apply_margin(tile, x, m, ch);
+      sums->add(j, thread_dot(u, x));
+    }
   }
 }
 
@@ -232,23 +257,8 @@ __global__ void __launch_bounds__(kThreads)
   tile_channels(args, tile, ch);
   A g[kItems];
   tile.load(grad, g);
-  for (int j = 0; j < args.K; ++j) {
-    A x[kItems];
-    tile.load(args.features[j], x);
-    const A* m = margin_row(args, j);
-    if (write_features) {
-      A d[kItems];
-#pragma unroll
-      for (int i = 0; i < kItems; ++i)
-        d[i] = alpha[j] * g[i] * (m == nullptr ? A(1) : math::margin_relu_pass(x[i], m[ch[i]]));
-      tile.store(grad_features.ptr[j], d);
-    }
-    if (partials != nullptr) {
-      apply_margin(x, m, ch);
-      sums.add(j, thread_dot(g, x));
-    }
-  }
-  if (partials != nullptr) sums.write(partials + blockIdx.x * args.K, args.K);
+  map_grads(args, tile, ch, alpha, g, A(1), grad_features, write_features, partials != nullptr ? &sums : nullptr);
+  if (partials != nullptr) sums.write(partials + int64_t(blockIdx.x) * args.K, args.K);
 }
 
 // partials[item] = (<s,s>, <s,T_j>..., <A,T_j>...) over the chunk.
@@ -275,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) bridge_forward_kernel(MapArgs<T> arg
     tile.load(args.features[j], x);
     sums.add(1 + K + j, thread_dot(agg, x));
   }
-  sums.write(partials + blockIdx.x * (2 * K + 1), 2 * K + 1);
+  sums.write(partials + int64_t(blockIdx.x) * (2 * K + 1), 2 * K + 1);
 }
 
 // terms[b] = (cs, ca, ea, es) scaled by the upstream gradient: ds = cs s + ca A, dA = ea A + es s.
@@ -315,15 +325,14 @@ __global__ void __launch_bounds__(kThreads) partial_l2_forward_kernel(MapArgs<T>
   const auto tile = begin_block<T, VEC>(args, alpha);
   int ch[kItems];
   tile_channels(args, tile, ch);
-  A s[kItems], t[kItems], in[kItems];
+  A s[kItems], t[kItems];
   tile.load(student, s);
-  tile.inside(in);
   aggregate_tile(args, tile, alpha, ch, t);
   A total = 0;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const A d = s[i] - t[i];
-    total += d * d * math::partial_l2_mask(s[i], t[i]) * in[i];
+    total += d * d * math::partial_l2_mask(s[i], t[i]);
   }
   sums.add(0, total);
   sums.write(partials + blockIdx.x, 1);
@@ -341,12 +350,11 @@ __global__ void __launch_bounds__(kThreads)
   const A gb = grad[blockIdx.x / args.chunks];
   int ch[kItems];
   tile_channels(args, tile, ch);
-  A s[kItems], e[kItems], in[kItems];
+  A s[kItems], e[kItems];
   tile.load(student, s);
-  tile.inside(in);
   aggregate_tile(args, tile, alpha, ch, e);
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]) * in[i];
+  for (int i = 0; i < kItems; ++i) e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]);
   if (grad_student != nullptr) {
     A d[kItems];
 #pragma unroll
@@ -354,131 +362,91 @@ __global__ void __launch_bounds__(kThreads)
     tile.store(grad_student, d);
   }
   if (partials == nullptr && !write_features) return;
-  for (int j = 0; j < args.K; ++j) {
-    A x[kItems];
-    tile.load(args.features[j], x);
-    const A* m = margin_row(args, j);
-    if (write_features) {
-      A d[kItems];
-#pragma unroll
-      for (int i = 0; i < kItems; ++i)
-        d[i] = -gb * alpha[j] * e[i] * (m == nullptr ? A(1) : math::margin_relu_pass(x[i], m[ch[i]]));
-      tile.store(grad_features.ptr[j], d);
-    }
-    if (partials != nullptr) {
-      apply_margin(x, m, ch);
-      sums.add(j, thread_dot(e, x));
-    }
-  }
-  if (partials != nullptr) sums.write(partials + blockIdx.x * args.K, args.K);
+  map_grads(args, tile, ch, alpha, e, -gb, grad_features, write_features, partials != nullptr ? &sums : nullptr);
+  if (partials != nullptr) sums.write(partials + int64_t(blockIdx.x) * args.K, args.K);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small finishing kernels over per-block partials: one thread per sample, or one block for the
-// K-sized beta gradient; every sum runs over chunks (then samples) in index order.
+// Finishing kernels over the per-block partials (all tiny next to the map kernels).
 
+constexpr int kReduceThreads = 128;
+
+// out[segment][col] = sign * sum over the rows r of the segment of w(r) * x[r][col], with
+// w(r) = row_weight[r / weight_period] (1 without weights).  One block per (segment, column):
+// threads take rows in a fixed stride and a fixed shared-memory tree adds them, so the result
+// is deterministic and the work is spread over the whole device.
 template <typename A>
-__device__ double chunk_sum(const A* partials, int64_t b, int64_t chunks, int width, int a) {
+__global__ void __launch_bounds__(kReduceThreads)
+    segment_column_sums_kernel(const A* x, int64_t rows_per_segment, int width, const A* row_weight,
+                               int64_t weight_period, double sign, double* out) {
+  __shared__ double tree[kReduceThreads];
+  const int64_t segment = blockIdx.x;
+  const int col = blockIdx.y;
   double total = 0;
-  for (int64_t c = 0; c < chunks; ++c) total += partials[(b * chunks + c) * width + a];
-  return total;
+  for (int64_t r = threadIdx.x; r < rows_per_segment; r += kReduceThreads) {
+    const int64_t row = segment * rows_per_segment + r;
+    const double w = row_weight == nullptr ? 1.0 : static_cast<double>(row_weight[row / weight_period]);
+    total += w * static_cast<double>(x[row * width + col]);
+  }
+  tree[threadIdx.x] = total;
+  __syncthreads();
+  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) tree[threadIdx.x] += tree[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[segment * width + col] = sign * tree[0];
 }
 
+// Per-sample bridge loss from the summed dots (<s,s>, <s,T_j>, <A,T_j>): one thread per sample.
 template <typename A>
-__global__ void bridge_forward_finish_kernel(const A* partials, const A* beta, int64_t B, int64_t chunks, int K,
-                                             double eps, A* loss, A* stats) {
+__global__ void bridge_loss_kernel(const double* sums, const A* beta, int64_t B, int K, double eps, A* loss) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (b >= B) return;
-  A alpha[kMaxK];
-  math::softmax(beta, alpha, K);
-  const int width = 2 * K + 1;
-  double ss = chunk_sum(partials, b, chunks, width, 0), sa = 0, aa = 0;
-  stats[b * width] = static_cast<A>(ss);
+  double beta_d[kMaxK], alpha[kMaxK];
+  for (int j = 0; j < K; ++j) beta_d[j] = beta[j];
+  math::softmax(beta_d, alpha, K);
+  const double* row = sums + b * (2 * K + 1);
+  double sa = 0, aa = 0;
   for (int j = 0; j < K; ++j) {
-    const double p = chunk_sum(partials, b, chunks, width, 1 + j);
-    const double q = chunk_sum(partials, b, chunks, width, 1 + K + j);
-    stats[b * width + 1 + j] = static_cast<A>(p);
-    stats[b * width + 1 + K + j] = static_cast<A>(q);
-    sa += alpha[j] * p;
-    aa += alpha[j] * q;
+    sa += alpha[j] * row[1 + j];
+    aa += alpha[j] * row[1 + K + j];
   }
-  loss[b] = static_cast<A>(math::bridge_terms(ss, sa, aa, eps).loss);
+  loss[b] = static_cast<A>(math::bridge_terms(row[0], sa, aa, eps).loss);
 }
 
+// Bridge backward, per sample: terms[b] = (cs, ca, ea, es) * grad[b] (see bridge_backward_kernel)
+// and contrib[b][j] = grad[b] (ea <A,T_j> + es <s,T_j>), whose column sums are dL/dalpha.
 template <typename A>
-__global__ void partial_l2_forward_finish_kernel(const A* partials, int64_t B, int64_t chunks, A* loss) {
+__global__ void bridge_terms_kernel(const A* stats, const A* grad, const A* beta, int64_t B, int K, double eps,
+                                    A* terms, A* contrib) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b < B) loss[b] = static_cast<A>(chunk_sum(partials, b, chunks, 1, 0));
+  if (b >= B) return;
+  double beta_d[kMaxK], alpha[kMaxK];
+  for (int j = 0; j < K; ++j) beta_d[j] = beta[j];
+  math::softmax(beta_d, alpha, K);
+  const A* row = stats + b * (2 * K + 1);
+  double sa = 0, aa = 0;
+  for (int j = 0; j < K; ++j) {
+    sa += alpha[j] * row[1 + j];
+    aa += alpha[j] * row[1 + K + j];
+  }
+  const auto t = math::bridge_terms<double>(row[0], sa, aa, eps);
+  const double g = grad[b];
+  terms[4 * b] = static_cast<A>(g * t.cs);
+  terms[4 * b + 1] = static_cast<A>(g * t.ca);
+  terms[4 * b + 2] = static_cast<A>(g * t.ea);
+  terms[4 * b + 3] = static_cast<A>(g * t.es);
+  for (int j = 0; j < K; ++j) contrib[b * K + j] = static_cast<A>(g * (t.ea * row[1 + K + j] + t.es * row[1 + j]));
 }
 
-// grad_beta from dL/dalpha_j = scale_b-weighted sums of partials: sum_b w_b sum_c partials[b][c][j],
-// with w_b = 1 (aggregate) or -grad[b] (partial_l2).  One block of >= K threads.
+// dL/dbeta from dL/dalpha through the softmax Jacobian (K <= kMaxK values: one thread).
 template <typename A>
-__global__ void beta_grad_from_partials_kernel(const A* partials, const A* beta, const A* sample_weight,
-                                               A weight_sign, int64_t B, int64_t chunks, int K, A* grad_beta) {
-  __shared__ double grad_alpha[kMaxK], alpha_d[kMaxK], out[kMaxK];
-  const int j = threadIdx.x;
-  if (j < K) {
-    double total = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const double w = sample_weight == nullptr ? 1.0 : static_cast<double>(sample_weight[b]);
-      total += weight_sign * w * chunk_sum(partials, b, chunks, K, j);
-    }
-    grad_alpha[j] = total;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double beta_d[kMaxK];
-    for (int k = 0; k < K; ++k) beta_d[k] = beta[k];
-    math::softmax(beta_d, alpha_d, K);
-    math::softmax_backward(alpha_d, grad_alpha, out, K);
-    for (int k = 0; k < K; ++k) grad_beta[k] = static_cast<A>(out[k]);
-  }
-}
-
-// Bridge backward, per-sample part: terms[b] (see bridge_backward_kernel) and grad_beta from the
-// saved dots, dL/dalpha_j = sum_b g_b (ea <A,T_j> + es <s,T_j>).  One block.
-template <typename A>
-__global__ void bridge_backward_terms_kernel(const A* stats, const A* grad, const A* beta, int64_t B, int K,
-                                             double eps, A* terms, A* grad_beta) {
-  __shared__ double alpha_d[kMaxK], grad_alpha[kMaxK], out[kMaxK];
-  if (threadIdx.x == 0) {
-    double beta_d[kMaxK];
-    for (int k = 0; k < K; ++k) beta_d[k] = beta[k];
-    math::softmax(beta_d, alpha_d, K);
-  }
-  __syncthreads();
-  const int width = 2 * K + 1;
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
-    const A* row = stats + b * width;
-    double sa = 0, aa = 0;
-    for (int j = 0; j < K; ++j) {
-      sa += alpha_d[j] * row[1 + j];
-      aa += alpha_d[j] * row[1 + K + j];
-    }
-    const auto t = math::bridge_terms<double>(row[0], sa, aa, eps);
-    const double gb = grad[b];
-    terms[4 * b] = static_cast<A>(gb * t.cs);
-    terms[4 * b + 1] = static_cast<A>(gb * t.ca);
-    terms[4 * b + 2] = static_cast<A>(gb * t.ea);
-    terms[4 * b + 3] = static_cast<A>(gb * t.es);
-  }
-  __syncthreads();
-  if (grad_beta == nullptr) return;
-  const int j = threadIdx.x;
-  if (j < K) {
-    double total = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const A* row = stats + b * width;
-      total += static_cast<double>(terms[4 * b + 2]) * row[1 + K + j] + static_cast<double>(terms[4 * b + 3]) * row[1 + j];
-    }
-    grad_alpha[j] = total;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    math::softmax_backward(alpha_d, grad_alpha, out, K);
-    for (int k = 0; k < K; ++k) grad_beta[k] = static_cast<A>(out[k]);
-  }
+__global__ void softmax_backward_kernel(const A* beta, const double* grad_alpha, int K, A* grad_beta) {
+  double beta_d[kMaxK], alpha[kMaxK], out[kMaxK];
+  for (int j = 0; j < K; ++j) beta_d[j] = beta[j];
+  math::softmax(beta_d, alpha, K);
+  math::softmax_backward(alpha, grad_alpha, out, K);
+  for (int j = 0; j < K; ++j) grad_beta[j] = static_cast<A>(out[j]);
 }
 
 }  // namespace cuda
