@@ -51,6 +51,12 @@ def _extension():
     debug = _flag("DFA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare"]
+    # at::parallel_for is header code: with torch's OpenMP backend it only runs in parallel when
+    # the extension itself is compiled with -fopenmp (it then shares torch's libgomp).
+    link_flags = []
+    if torch._C.has_openmp:
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     cuda_home = _cuda_home()
     gpu_visible = torch.cuda.is_available()
     build_cuda = (
@@ -72,10 +78,12 @@ def _extension():
             "dfa_ext._C",
             cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DDFA_WITH_CUDA"], "nvcc": nvcc_flags + ["-DDFA_WITH_CUDA"]},
+            extra_link_args=link_flags,
         )
         built = f"cpu + cuda (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})"
     else:
-        ext = CppExtension("dfa_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("dfa_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags)
         if not cuda_sources:
             why = "no CUDA sources in csrc/cuda"
         elif _flag("FORCE_CPU"):

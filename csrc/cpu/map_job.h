@@ -16,7 +16,7 @@ namespace cpu {
 // chunk and then over chunks in index order: the result is the same for any number of threads.
 constexpr int64_t kChunk = 16384;
 // Elements staged at a time in small float buffers that stay in L1.
-constexpr int64_t kBlock = 256;
+constexpr int64_t kBlock = 512;
 
 // Accumulation type: float for 16- and 32-bit maps, double for double maps.  Partial sums over
 // chunks are always kept in double.

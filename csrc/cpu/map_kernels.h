@@ -3,7 +3,7 @@
 // each target.  Everything here works on raw pointers: it runs inside at::parallel_for workers.
 //
 // Within a block of kBlock elements the maps are converted to the accumulation type and reduced
-// with SIMD lanes (omp simd); each block's sum is then added to a double per-chunk partial.
+// on explicit SIMD packs; each block's sum is then added to a double per-chunk partial.
 
 #include "../common/dfa_math.h"
 #include "map_job.h"
@@ -55,74 +55,129 @@ inline void for_each_channel_run(int64_t g0, int64_t L, int64_t C, int64_t inner
   }
 }
 
-// sigma_m(x) for one feature map's block: the map itself when m is null and no conversion is
-// needed, else computed into `tmp`.
-template <typename T, typename A>
-inline const A* view_sigma(const MapJob<T>& job, const T* __restrict x, A* __restrict tmp, int64_t g0, int64_t L,
-                           const A* m) {
-  if (m == nullptr) return view(x, tmp, L);
-  for_each_channel_run(g0, L, job.C, job.inner, [&](int64_t i0, int64_t len, int64_t c, auto per_element) {
-    const T* __restrict xs = x + i0;
-    A* __restrict o = tmp + i0;
-    if constexpr (decltype(per_element)::value) {
-      const A* __restrict mr = m + c;
-      for (int64_t t = 0; t < len; ++t) o[t] = math::margin_relu(static_cast<A>(xs[t]), mr[t]);
-    } else {
-      const A mv = m[c];
-      for (int64_t t = 0; t < len; ++t) o[t] = math::margin_relu(static_cast<A>(xs[t]), mv);
-    }
-  });
-  return tmp;
+// Reductions run on explicit SIMD packs (GCC vector extensions: one AVX register, or two SSE
+// ones in the baseline build) with kChains independent accumulators, so several FMA chains are in
+// flight instead of one latency-bound chain.  The combination order is fixed, so results never
+// depend on the thread count; no -ffast-math is needed.
+template <typename A>
+struct Pack {
+  typedef A type __attribute__((vector_size(32)));
+  static constexpr int kWidth = 32 / sizeof(A);
+};
+template <typename A>
+using pack_t = typename Pack<A>::type;
+constexpr int kChains = 4;
+
+template <typename A>
+inline pack_t<A> loadu(const A* p) {
+  pack_t<A> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-// dL/dT_j for one block: out = scale * g * [x >= m] (no mask when m is null).
-template <typename T, typename A>
-inline void store_feature_grad(const MapJob<T>& job, const T* __restrict x, const A* __restrict g, A scale,
-                               T* __restrict out, int64_t g0, int64_t L, const A* m) {
-  if (m == nullptr) {
-    for (int64_t i = 0; i < L; ++i) out[i] = static_cast<T>(scale * g[i]);
-    return;
+// A pack of W map values converted to the accumulation type A.
+template <typename A, typename T>
+inline pack_t<A> load_as(const T* p) {
+  if constexpr (std::is_same_v<T, A>) {
+    return loadu(p);
+  } else {
+    pack_t<A> v;
+    for (int k = 0; k < Pack<A>::kWidth; ++k) v[k] = static_cast<A>(p[k]);
+    return v;
   }
-  for_each_channel_run(g0, L, job.C, job.inner, [&](int64_t i0, int64_t len, int64_t c, auto per_element) {
-    const T* __restrict xs = x + i0;
-    const A* __restrict gs = g + i0;
-    T* __restrict o = out + i0;
-    if constexpr (decltype(per_element)::value) {
-      const A* __restrict mr = m + c;
-      for (int64_t t = 0; t < len; ++t)
-        o[t] = static_cast<T>(scale * gs[t] * math::margin_relu_pass(static_cast<A>(xs[t]), mr[t]));
-    } else {
-      const A mv = m[c];
-      for (int64_t t = 0; t < len; ++t)
-        o[t] = static_cast<T>(scale * gs[t] * math::margin_relu_pass(static_cast<A>(xs[t]), mv));
-    }
-  });
+}
+
+template <typename A>
+inline void storeu(A* p, pack_t<A> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename A>
+inline A pack_total(const pack_t<A> (&acc)[kChains], A tail) {
+  const pack_t<A> v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  A total = tail;
+  for (int k = 0; k < Pack<A>::kWidth; ++k) total += v[k];
+  return total;
+}
+
+// Sum over i in [begin, end) of a term given as pack_term(i) (the pack of W terms from i) and
+// scalar_term(i) (one term, for the tail).
+template <typename A, typename PackTerm, typename ScalarTerm>
+inline A reduce(int64_t begin, int64_t end, PackTerm&& pack_term, ScalarTerm&& scalar_term) {
+  constexpr int W = Pack<A>::kWidth;
+  pack_t<A> acc[kChains] = {};
+  int64_t i = begin;
+  for (; i + kChains * W <= end; i += kChains * W)
+    for (int c = 0; c < kChains; ++c) acc[c] += pack_term(i + c * W);
+  A tail = 0;
+  for (; i < end; ++i) tail += scalar_term(i);
+  return pack_total(acc, tail);
 }
 
 template <typename A>
 inline A dot(const A* __restrict a, const A* __restrict b, int64_t L) {
-  A sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < L; ++i) sum += a[i] * b[i];
-  return sum;
+  return reduce<A>(
+      0, L, [&](int64_t i) { return loadu(a + i) * loadu(b + i); }, [&](int64_t i) { return a[i] * b[i]; });
 }
 
-template <typename T>
-inline const acc_type<T>* margin_row(const MapJob<T>& job, int j) {
-  return job.margins == nullptr ? nullptr : job.margins + j * job.C;
-}
+// One run of a block of map T_j (indices [i0, i0 + len) of the block) over which the margin is
+// one value (kPerElement = false: NCHW-like layouts) or rises with the element (channels
+// innermost), so sigma_j can be fused into the loop that consumes it: value(i) / pack(i) give
+// sigma_j(T_j) at block index i (pack: W values from i), pass(i) its derivative [T_j >= m].
+template <typename T, bool kHasMargin, bool kPerElement>
+struct SigmaRun {
+  using A = acc_type<T>;
+  const T* __restrict x;  // the block of the map
+  const A* __restrict m;  // margins of the run's first element's channel onwards (kPerElement)
+  A mv;                   // the run's margin (!kPerElement)
+  int64_t i0, len;
 
-// out = sum_j alpha_j sigma_j(T_j) for one block; tmp is scratch.
-template <typename T, typename A>
-inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __restrict out, A* __restrict tmp) {
-  for (int j = 0; j < job.K; ++j) {
-    const A* __restrict x = view_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
-    const A a = job.alpha[j];
-    if (j == 0) {
-      for (int64_t i = 0; i < L; ++i) out[i] = a * x[i];
-    } else {
-      for (int64_t i = 0; i < L; ++i) out[i] += a * x[i];
+  A margin(int64_t i) const { return kPerElement ? m[i - i0] : mv; }
+  A value(int64_t i) const {
+    const A v = static_cast<A>(x[i]);
+    if constexpr (kHasMargin) return math::margin_relu(v, margin(i));
+    return v;
+  }
+  A pass(int64_t i) const {
+    if constexpr (kHasMargin) return math::margin_relu_pass(static_cast<A>(x[i]), margin(i));
+    return A(1);
+  }
+  pack_t<A> pack(int64_t i) const {
+    const pack_t<A> v = load_as<A>(x + i);
+    if constexpr (kHasMargin) {
+      const pack_t<A> mp = kPerElement ? loadu(m + (i - i0)) : pack_t<A>{} + mv;
+      return v < mp ? mp : v;  // math::margin_relu, packed
     }
+    return v;
+  }
+};
+
+// Calls body(run) for the runs of map j's block at flat offset off, length L (one run covering
+// the block when there are no margins).
+template <typename T, typename Body>
+inline void for_each_sigma_run(const MapJob<T>& job, int j, int64_t off, int64_t L, Body&& body) {
+  using A = acc_type<T>;
+  const T* x = job.features[j] + off;
+  if (job.margins == nullptr) return body(SigmaRun<T, false, false>{x, nullptr, A(0), 0, L});
+  const A* m = job.margins + j * job.C;
+  for_each_channel_run(off, L, job.C, job.inner, [&](int64_t i0, int64_t len, int64_t c, auto per_element) {
+    if constexpr (decltype(per_element)::value) {
+      body(SigmaRun<T, true, true>{x, m + c, A(0), i0, len});
+    } else {
+      body(SigmaRun<T, true, false>{x, nullptr, m[c], i0, len});
+    }
+  });
+}
+
+// out = sum_j alpha_j sigma_j(T_j) for one block, sigma fused into the accumulation.
+template <typename T, typename A>
+inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __restrict out) {
+  for (int64_t i = 0; i < L; ++i) out[i] = 0;
+  for (int j = 0; j < job.K; ++j) {
+    const A a = job.alpha[j];
+    for_each_sigma_run(job, j, off, L, [&](const auto& run) {
+      for (int64_t i = run.i0; i < run.i0 + run.len; ++i) out[i] += a * run.value(i);
+    });
   }
 }
 
@@ -131,15 +186,21 @@ inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __r
 // partials[j] += <u, sigma_j(T_j)> (the beta gradient's dot products).
 template <typename T, typename A>
 inline void map_grads_block(const MapJob<T>& job, int64_t off, int64_t L, const A* __restrict u, A scale,
-                            T* const* grad_features, double* partials, A* __restrict tmp) {
+                            T* const* grad_features, double* partials) {
   for (int j = 0; j < job.K; ++j) {
-    if (partials != nullptr) {
-      const A* x = view_sigma(job, job.features[j] + off, tmp, off, L, margin_row(job, j));
-      partials[j] += dot(u, x, L);
-    }
-    if (grad_features != nullptr)
-      store_feature_grad(job, job.features[j] + off, u, scale * job.alpha[j], grad_features[j] + off, off, L,
-                         margin_row(job, j));
+    T* __restrict out = grad_features == nullptr ? nullptr : grad_features[j] + off;
+    const A a = scale * job.alpha[j];
+    A dot_j = 0;
+    for_each_sigma_run(job, j, off, L, [&](const auto& run) {
+      const int64_t end = run.i0 + run.len;
+      if (partials != nullptr)
+        dot_j += reduce<A>(
+            run.i0, end, [&](int64_t i) { return loadu(u + i) * run.pack(i); },
+            [&](int64_t i) { return u[i] * run.value(i); });
+      if (out != nullptr)
+        for (int64_t i = run.i0; i < end; ++i) out[i] = static_cast<T>(a * u[i] * run.pass(i));
+    });
+    if (partials != nullptr) partials[j] += dot_j;
   }
 }
 
@@ -158,12 +219,12 @@ inline void for_each_block(const MapJob<T>& job, int64_t begin, int64_t end, Fn&
 template <typename T>
 void aggregate_forward(const MapJob<T>& job, T* out, int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A agg[kBlock], tmp[kBlock];
+  A agg[kBlock];
   for_each_block(job, begin, end, [&](int64_t, int64_t, int64_t off, int64_t L) {
     if constexpr (std::is_same_v<T, A>) {
-      aggregate_block(job, off, L, out + off, tmp);  // accumulate in place: no staging copy
+      aggregate_block(job, off, L, out + off);  // accumulate in place: no staging copy
     } else {
-      aggregate_block(job, off, L, agg, tmp);
+      aggregate_block(job, off, L, agg);
       T* __restrict o = out + off;
       for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(agg[i]);
     }
@@ -174,10 +235,10 @@ template <typename T>
 void aggregate_backward(const MapJob<T>& job, const T* grad, T* const* grad_features, double* partials,
                         int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A gbuf[kBlock], tmp[kBlock];
+  A gbuf[kBlock];
   for_each_block(job, begin, end, [&](int64_t item, int64_t, int64_t off, int64_t L) {
     const A* g = view(grad + off, gbuf, L);
-    map_grads_block(job, off, L, g, A(1), grad_features, partials == nullptr ? nullptr : partials + item * job.K, tmp);
+    map_grads_block(job, off, L, g, A(1), grad_features, partials == nullptr ? nullptr : partials + item * job.K);
   });
 }
 
@@ -191,24 +252,21 @@ void bridge_forward(const MapJob<T>& job, const T* student, double* partials, in
     const A* __restrict s = view(student + off, sbuf, L);
     acc[0] += dot(s, s, L);
     // First pass: A and <s, T_j> together; second pass (maps now cache-hot): <A, T_j>.
+    for (int64_t i = 0; i < L; ++i) agg[i] = 0;
     for (int j = 0; j < K; ++j) {
       const A* __restrict x = view(job.features[j] + off, tmp, L);
       const A a = job.alpha[j];
-      A st = 0;
-      if (j == 0) {
-#pragma omp simd reduction(+ : st)
-        for (int64_t i = 0; i < L; ++i) {
-          agg[i] = a * x[i];
-          st += s[i] * x[i];
-        }
-      } else {
-#pragma omp simd reduction(+ : st)
-        for (int64_t i = 0; i < L; ++i) {
-          agg[i] += a * x[i];
-          st += s[i] * x[i];
-        }
-      }
-      acc[1 + j] += st;
+      acc[1 + j] += reduce<A>(  // agg += a x while summing s x: one pass over x
+          0, L,
+          [&](int64_t i) {
+            const pack_t<A> xv = loadu(x + i);
+            storeu(agg + i, loadu(agg + i) + a * xv);
+            return loadu(s + i) * xv;
+          },
+          [&](int64_t i) {
+            agg[i] += a * x[i];
+            return s[i] * x[i];
+          });
     }
     for (int j = 0; j < K; ++j) {
       const A* __restrict x = view(job.features[j] + off, tmp, L);
@@ -225,7 +283,7 @@ void bridge_backward(const MapJob<T>& job, const T* student, const acc_type<T>* 
   for_each_block(job, begin, end, [&](int64_t, int64_t b, int64_t off, int64_t L) {
     const A cs = terms[4 * b], ca = terms[4 * b + 1], ea = terms[4 * b + 2], es = terms[4 * b + 3];
     const A* __restrict s = view(student + off, sbuf, L);
-    aggregate_block(job, off, L, agg, tmp);
+    aggregate_block(job, off, L, agg);
     if (grad_student != nullptr) {
       T* __restrict o = grad_student + off;
       for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(cs * s[i] + ca * agg[i]);
@@ -244,17 +302,22 @@ void bridge_backward(const MapJob<T>& job, const T* student, const acc_type<T>* 
 template <typename T>
 void partial_l2_forward(const MapJob<T>& job, const T* student, double* partials, int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A sbuf[kBlock], t[kBlock], tmp[kBlock];
+  A sbuf[kBlock], t[kBlock];
   for_each_block(job, begin, end, [&](int64_t item, int64_t, int64_t off, int64_t L) {
     const A* __restrict s = view(student + off, sbuf, L);
-    aggregate_block(job, off, L, t, tmp);
-    A sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < L; ++i) {
-      const A d = s[i] - t[i];
-      sum += d * d * math::partial_l2_mask(s[i], t[i]);
-    }
-    partials[item] += sum;
+    aggregate_block(job, off, L, t);
+    using P = pack_t<A>;
+    partials[item] += reduce<A>(0,
+        L,
+        [&](int64_t i) {
+          const P sv = loadu(s + i), tv = loadu(t + i), d = sv - tv;
+          const P mask = ((sv > tv) | (tv > P{})) ? P{} + 1 : P{};  // partial_l2_mask, packed
+          return d * d * mask;
+        },
+        [&](int64_t i) {
+          const A d = s[i] - t[i];
+          return d * d * math::partial_l2_mask(s[i], t[i]);
+        });
   });
 }
 
@@ -262,17 +325,17 @@ template <typename T>
 void partial_l2_backward(const MapJob<T>& job, const T* student, const acc_type<T>* grad, T* grad_student,
                          T* const* grad_features, double* partials, int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A sbuf[kBlock], e[kBlock], tmp[kBlock];
+  A sbuf[kBlock], e[kBlock];
   for_each_block(job, begin, end, [&](int64_t item, int64_t b, int64_t off, int64_t L) {
     const A gb = grad[b];
     const A* __restrict s = view(student + off, sbuf, L);
-    aggregate_block(job, off, L, e, tmp);
+    aggregate_block(job, off, L, e);
     for (int64_t i = 0; i < L; ++i) e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]);
     if (grad_student != nullptr) {
       T* __restrict o = grad_student + off;
       for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(gb * e[i]);
     }
-    map_grads_block(job, off, L, e, -gb, grad_features, partials == nullptr ? nullptr : partials + item * job.K, tmp);
+    map_grads_block(job, off, L, e, -gb, grad_features, partials == nullptr ? nullptr : partials + item * job.K);
   });
 }
 
