@@ -5,6 +5,7 @@
 // Within a block of kBlock elements the maps are converted to the accumulation type and reduced
 // on explicit SIMD packs; each block's sum is then added to a double per-chunk partial.
 
+
 #include "../common/dfa_math.h"
 #include "map_job.h"
 
@@ -169,15 +170,55 @@ inline void for_each_sigma_run(const MapJob<T>& job, int j, int64_t off, int64_t
   });
 }
 
+// Like for_each_sigma_run, for G maps j0 .. j0 + G - 1 at once: body(runs) gets a std::array of
+// their runs, which cover the same elements (the channel layout is the same for every map).
+template <int G, typename T, typename Body>
+inline void for_each_sigma_run_group(const MapJob<T>& job, int j0, int64_t off, int64_t L, Body&& body) {
+  using A = acc_type<T>;
+  if (job.margins == nullptr) {
+    std::array<SigmaRun<T, false, false>, G> runs;
+    for (int g = 0; g < G; ++g) runs[g] = {job.features[j0 + g] + off, nullptr, A(0), 0, L};
+    return body(runs);
+  }
+  for_each_channel_run(off, L, job.C, job.inner, [&](int64_t i0, int64_t len, int64_t c, auto per_element) {
+    constexpr bool kPerElement = decltype(per_element)::value;
+    std::array<SigmaRun<T, true, kPerElement>, G> runs;
+    for (int g = 0; g < G; ++g) {
+      const A* m = job.margins + (j0 + g) * job.C;
+      runs[g] = {job.features[j0 + g] + off, m + c, m[c], i0, len};
+    }
+    body(runs);
+  });
+}
+
+// out += sum over the G maps from j0 of alpha_j sigma_j(T_j): one read-modify-write of `out` per
+// G maps instead of per map.
+template <int G, typename T, typename A>
+inline void accumulate_group(const MapJob<T>& job, int j0, int64_t off, int64_t L, A* __restrict out) {
+  A a[G];
+  for (int g = 0; g < G; ++g) a[g] = job.alpha[j0 + g];
+  for_each_sigma_run_group<G>(job, j0, off, L, [&](const auto& runs) {
+    const int64_t end = runs[0].i0 + runs[0].len;
+    for (int64_t i = runs[0].i0; i < end; ++i) {
+      A v = out[i];
+      for (int g = 0; g < G; ++g) v += a[g] * runs[g].value(i);
+      out[i] = v;
+    }
+  });
+}
+
 // out = sum_j alpha_j sigma_j(T_j) for one block, sigma fused into the accumulation.
 template <typename T, typename A>
 inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __restrict out) {
+  constexpr int kGroup = 4;
   for (int64_t i = 0; i < L; ++i) out[i] = 0;
-  for (int j = 0; j < job.K; ++j) {
-    const A a = job.alpha[j];
-    for_each_sigma_run(job, j, off, L, [&](const auto& run) {
-      for (int64_t i = run.i0; i < run.i0 + run.len; ++i) out[i] += a * run.value(i);
-    });
+  int j = 0;
+  for (; j + kGroup <= job.K; j += kGroup) accumulate_group<kGroup>(job, j, off, L, out);
+  switch (job.K - j) {
+    case 3: accumulate_group<3>(job, j, off, L, out); break;
+    case 2: accumulate_group<2>(job, j, off, L, out); break;
+    case 1: accumulate_group<1>(job, j, off, L, out); break;
+    default: break;
   }
 }
 
