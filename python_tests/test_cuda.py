@@ -35,7 +35,7 @@ from test_determinism import _assert_same_bits, _run
 from test_edge_values import NAN_AT, _nan_cases
 from test_gradcheck import _flat_fn
 from test_layout import SHAPE_OF
-from test_low_precision import HALF_TOL, _tol, _upcast
+from test_low_precision import HALF_TOL, check_half_against_float32_reference
 from test_opcheck import OPS as OPCHECK_OPS
 from test_opcheck import SAMPLES as OPCHECK_SAMPLES
 from test_opcheck import Sample
@@ -298,22 +298,7 @@ def test_half_matches_float32_reference(dtype: torch.dtype, name: str, layout: s
     inp = make_inputs(shape, 3, dtype=dtype, layout=layout, margins=margins,
                       beta_dtype=dtype if beta_half else torch.float32, seed=seed_of(dtype, name, layout, shape),
                       device=DEV)
-    out = call(ops, name, inp)
-    assert out.dtype == (dtype if name == "aggregate" else torch.float32) and out.device.type == "cuda"
-    upstream = upstream_like(out)
-    grads = torch.autograd.grad(out, grad_leaves(name, inp), upstream)
-
-    ref_inp = _upcast(inp)
-    ref_out = call(reference, name, ref_inp)
-    ref_grads = torch.autograd.grad(ref_out, grad_leaves(name, ref_inp), upstream.float())
-
-    torch.testing.assert_close(out.float(), ref_out, **_tol(out))
-    for g, rg, leaf in zip(grads, ref_grads, grad_leaves(name, inp)):
-        assert g.dtype == leaf.dtype and g.shape == leaf.shape
-        tol = dict(_tol(g))
-        if leaf is inp.beta and g.dtype in HALF_TOL:
-            tol["atol"] = tol["rtol"] * float(rg.abs().max())
-        torch.testing.assert_close(g.float(), rg, **tol)
+    check_half_against_float32_reference(name, inp)
 
 
 def _autocast_objective(impl, dtype: torch.dtype, x: torch.Tensor, convs: torch.nn.ModuleList, beta: torch.Tensor,

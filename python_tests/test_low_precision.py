@@ -42,21 +42,11 @@ def _tol(t: torch.Tensor) -> Dict[str, float]:
     return HALF_TOL[t.dtype] if t.dtype in HALF_TOL else F32_TOL
 
 
-def _cases():
-    for dtype, (name, margins), layout, beta_half in itertools.product(
-            HALF_TOL, OP_MARGINS, ("contiguous", "channels_last"), (False, True)):
-        yield pytest.param(dtype, name, layout, beta_half, margins,
-                           id=f"{str(dtype)[6:]}-{op_id(name, margins)}-{layout}-beta_{'half' if beta_half else 'f32'}")
-
-
-@pytest.mark.parametrize("dtype,name,layout,beta_half,margins", list(_cases()))
-def test_half_matches_float32_reference(dtype: torch.dtype, name: str, layout: str, beta_half: bool,
-                                        margins: bool) -> None:
-    """Outputs and all gradients of 16-bit calls equal the float32 reference within the stated tolerance."""
-    inp = make_inputs((2, 4, 6, 5), 3, dtype=dtype, layout=layout, margins=margins,
-                      beta_dtype=dtype if beta_half else torch.float32, seed=seed_of(dtype, name, layout))
+def check_half_against_float32_reference(name: str, inp: Inputs) -> None:
+    """Output and every gradient of a 16-bit call equal the float32 reference on the same values."""
     out = call(ops, name, inp)
-    assert out.dtype == (dtype if name == "aggregate" else torch.float32)
+    assert out.dtype == (inp.features[0].dtype if name == "aggregate" else torch.float32)
+    assert out.device == inp.features[0].device
     upstream = upstream_like(out)
     grads = torch.autograd.grad(out, grad_leaves(name, inp), upstream)
 
@@ -71,6 +61,22 @@ def test_half_matches_float32_reference(dtype: torch.dtype, name: str, layout: s
         if leaf is inp.beta and g.dtype in HALF_TOL:
             tol["atol"] = tol["rtol"] * float(rg.abs().max())  # a difference of large terms, then rounded
         torch.testing.assert_close(g.float(), rg, **tol)
+
+
+def _cases():
+    for dtype, (name, margins), layout, beta_half in itertools.product(
+            HALF_TOL, OP_MARGINS, ("contiguous", "channels_last"), (False, True)):
+        yield pytest.param(dtype, name, layout, beta_half, margins,
+                           id=f"{str(dtype)[6:]}-{op_id(name, margins)}-{layout}-beta_{'half' if beta_half else 'f32'}")
+
+
+@pytest.mark.parametrize("dtype,name,layout,beta_half,margins", list(_cases()))
+def test_half_matches_float32_reference(dtype: torch.dtype, name: str, layout: str, beta_half: bool,
+                                        margins: bool) -> None:
+    """Outputs and all gradients of 16-bit calls equal the float32 reference within the stated tolerance."""
+    inp = make_inputs((2, 4, 6, 5), 3, dtype=dtype, layout=layout, margins=margins,
+                      beta_dtype=dtype if beta_half else torch.float32, seed=seed_of(dtype, name, layout))
+    check_half_against_float32_reference(name, inp)
 
 
 def _autocast_objective(impl, x: torch.Tensor, convs: torch.nn.ModuleList, beta: torch.Tensor,

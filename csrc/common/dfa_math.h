@@ -88,5 +88,17 @@ DFA_HOST_DEVICE BridgeTerms<acc_t> bridge_terms(acc_t ss, acc_t sa, acc_t aa, ac
   return r;
 }
 
+// bridge_terms of one sample from its row of saved statistics (<s,s>, <s,T_1..K>, <A,T_1..K>)
+// and the weights alpha: <s,A> = sum_j alpha_j <s,T_j> and <A,A> = sum_j alpha_j <A,T_j>.
+template <typename acc_t, typename row_t, typename alpha_t>
+DFA_HOST_DEVICE BridgeTerms<acc_t> bridge_row_terms(const row_t* row, const alpha_t* alpha, int K, acc_t eps) {
+  acc_t sa = 0, aa = 0;
+  for (int j = 0; j < K; ++j) {
+    sa += alpha[j] * static_cast<acc_t>(row[1 + j]);
+    aa += alpha[j] * static_cast<acc_t>(row[1 + K + j]);
+  }
+  return bridge_terms<acc_t>(static_cast<acc_t>(row[0]), sa, aa, eps);
+}
+
 }  // namespace math
 }  // namespace dfa

@@ -77,18 +77,6 @@ Tensor beta_grad(const std::vector<acc_t>& alpha, const std::vector<double>& gra
   return at::tensor(out, beta.options().dtype(at::kDouble)).to(beta.scalar_type());
 }
 
-// <alpha, p> and <alpha, q> of one sample's bridge statistics row (<s,s>, p = <s,T_j>, q = <A,T_j>).
-template <typename acc_t>
-math::BridgeTerms<double> bridge_row_terms(const double* row, const std::vector<acc_t>& alpha, double eps) {
-  const int K = static_cast<int>(alpha.size());
-  double sa = 0, aa = 0;
-  for (int j = 0; j < K; ++j) {
-    sa += alpha[j] * row[1 + j];
-    aa += alpha[j] * row[1 + K + j];
-  }
-  return math::bridge_terms(row[0], sa, aa, eps);
-}
-
 template <typename scalar_t>
 std::vector<scalar_t*> pointers(std::vector<Tensor>& maps) {
   std::vector<scalar_t*> ptrs;
@@ -149,7 +137,7 @@ struct CpuBackend {
       acc_t* loss_ptr = loss.mutable_data_ptr<acc_t>();
       acc_t* stats_ptr = stats.mutable_data_ptr<acc_t>();
       for (int64_t b = 0; b < batch.B; ++b) {
-        loss_ptr[b] = static_cast<acc_t>(bridge_row_terms(&sums[b * width], data.alpha, eps).loss);
+        loss_ptr[b] = static_cast<acc_t>(math::bridge_row_terms(&sums[b * width], data.alpha.data(), data.job.K, eps).loss);
         for (int a = 0; a < width; ++a) stats_ptr[b * width + a] = static_cast<acc_t>(sums[b * width + a]);
       }
     });
@@ -172,7 +160,7 @@ struct CpuBackend {
       std::vector<double> grad_alpha(K, 0.0);
       for (int64_t b = 0; b < batch.B; ++b) {
         const double* row = st_ptr + b * (2 * K + 1);
-        const auto t = bridge_row_terms(row, data.alpha, eps);
+        const auto t = math::bridge_row_terms(row, data.alpha.data(), K, eps);
         const double gb = g_ptr[b];
         terms[4 * b] = gb * t.cs;
         terms[4 * b + 1] = gb * t.ca;

@@ -405,13 +405,7 @@ __global__ void bridge_loss_kernel(const double* sums, const A* beta, int64_t B,
   double beta_d[kMaxK], alpha[kMaxK];
   for (int j = 0; j < K; ++j) beta_d[j] = beta[j];
   math::softmax(beta_d, alpha, K);
-  const double* row = sums + b * (2 * K + 1);
-  double sa = 0, aa = 0;
-  for (int j = 0; j < K; ++j) {
-    sa += alpha[j] * row[1 + j];
-    aa += alpha[j] * row[1 + K + j];
-  }
-  loss[b] = static_cast<A>(math::bridge_terms(row[0], sa, aa, eps).loss);
+  loss[b] = static_cast<A>(math::bridge_row_terms(sums + b * (2 * K + 1), alpha, K, eps).loss);
 }
 
 // Bridge backward, per sample: terms[b] = (cs, ca, ea, es) * grad[b] (see bridge_backward_kernel)
@@ -425,12 +419,7 @@ __global__ void bridge_terms_kernel(const A* stats, const A* grad, const A* beta
   for (int j = 0; j < K; ++j) beta_d[j] = beta[j];
   math::softmax(beta_d, alpha, K);
   const A* row = stats + b * (2 * K + 1);
-  double sa = 0, aa = 0;
-  for (int j = 0; j < K; ++j) {
-    sa += alpha[j] * row[1 + j];
-    aa += alpha[j] * row[1 + K + j];
-  }
-  const auto t = math::bridge_terms<double>(row[0], sa, aa, eps);
+  const auto t = math::bridge_row_terms(row, alpha, K, eps);
   const double g = grad[b];
   terms[4 * b] = static_cast<A>(g * t.cs);
   terms[4 * b + 1] = static_cast<A>(g * t.ca);
