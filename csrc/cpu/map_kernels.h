@@ -89,11 +89,6 @@ inline pack_t<A> load_as(const T* p) {
 }
 
 template <typename A>
-inline void storeu(A* p, pack_t<A> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
-
-template <typename A>
 inline A pack_total(const pack_t<A> (&acc)[kChains], A tail) {
   const pack_t<A> v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   A total = tail;
@@ -191,35 +186,72 @@ inline void for_each_sigma_run_group(const MapJob<T>& job, int j0, int64_t off, 
   });
 }
 
-// out += sum over the G maps from j0 of alpha_j sigma_j(T_j): one read-modify-write of `out` per
-// G maps instead of per map.
+// out (+)= sum over the G maps from j0 of alpha_j sigma_j(T_j): one write of `out` per G maps
+// instead of per map; the first group (j0 == 0) initialises it.
 template <int G, typename T, typename A>
 inline void accumulate_group(const MapJob<T>& job, int j0, int64_t off, int64_t L, A* __restrict out) {
   A a[G];
   for (int g = 0; g < G; ++g) a[g] = job.alpha[j0 + g];
   for_each_sigma_run_group<G>(job, j0, off, L, [&](const auto& runs) {
     const int64_t end = runs[0].i0 + runs[0].len;
-    for (int64_t i = runs[0].i0; i < end; ++i) {
-      A v = out[i];
-      for (int g = 0; g < G; ++g) v += a[g] * runs[g].value(i);
-      out[i] = v;
+    if (j0 == 0) {
+      for (int64_t i = runs[0].i0; i < end; ++i) {
+        A v = a[0] * runs[0].value(i);
+        for (int g = 1; g < G; ++g) v += a[g] * runs[g].value(i);
+        out[i] = v;
+      }
+    } else {
+      for (int64_t i = runs[0].i0; i < end; ++i) {
+        A v = out[i];
+        for (int g = 0; g < G; ++g) v += a[g] * runs[g].value(i);
+        out[i] = v;
+      }
     }
   });
 }
 
-// out = sum_j alpha_j sigma_j(T_j) for one block, sigma fused into the accumulation.
-template <typename T, typename A>
-inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __restrict out) {
+// sums[g] += <u, sigma_j(T_j)> for the G maps from j0 in one pass over u: G independent FMA
+// chains, u loaded once per pack, one horizontal sum per map and block.
+template <int G, typename T, typename A>
+inline void dot_group(const MapJob<T>& job, int j0, int64_t off, int64_t L, const A* __restrict u, double* sums) {
+  constexpr int W = Pack<A>::kWidth;
+  pack_t<A> acc[G] = {};
+  A tail[G] = {};
+  for_each_sigma_run_group<G>(job, j0, off, L, [&](const auto& runs) {
+    const int64_t end = runs[0].i0 + runs[0].len;
+    int64_t i = runs[0].i0;
+    for (; i + W <= end; i += W) {
+      const pack_t<A> uv = loadu(u + i);
+      for (int g = 0; g < G; ++g) acc[g] += uv * runs[g].pack(i);
+    }
+    for (; i < end; ++i)
+      for (int g = 0; g < G; ++g) tail[g] += u[i] * runs[g].value(i);
+  });
+  for (int g = 0; g < G; ++g) {
+    A total = tail[g];
+    for (int w = 0; w < W; ++w) total += acc[g][w];
+    sums[g] += total;
+  }
+}
+
+// Runs fn(std::integral_constant<int, G>{}, j0) over the K maps in groups of up to kGroup.
+template <typename Fn>
+inline void for_each_map_group(int K, Fn&& fn) {
   constexpr int kGroup = 4;
-  for (int64_t i = 0; i < L; ++i) out[i] = 0;
   int j = 0;
-  for (; j + kGroup <= job.K; j += kGroup) accumulate_group<kGroup>(job, j, off, L, out);
-  switch (job.K - j) {
-    case 3: accumulate_group<3>(job, j, off, L, out); break;
-    case 2: accumulate_group<2>(job, j, off, L, out); break;
-    case 1: accumulate_group<1>(job, j, off, L, out); break;
+  for (; j + kGroup <= K; j += kGroup) fn(std::integral_constant<int, kGroup>{}, j);
+  switch (K - j) {
+    case 3: fn(std::integral_constant<int, 3>{}, j); break;
+    case 2: fn(std::integral_constant<int, 2>{}, j); break;
+    case 1: fn(std::integral_constant<int, 1>{}, j); break;
     default: break;
   }
+}
+
+// sums[j] += <u, sigma_j(T_j)> for every map j, four maps per pass over u.
+template <typename T, typename A>
+inline void map_dots(const MapJob<T>& job, int64_t off, int64_t L, const A* __restrict u, double* sums) {
+  for_each_map_group(job.K, [&](auto group, int j0) { dot_group<decltype(group)::value>(job, j0, off, L, u, sums + j0); });
 }
 
 // The gradient of every map from an upstream gradient u of the aggregation, for one block:
@@ -228,21 +260,21 @@ inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __r
 template <typename T, typename A>
 inline void map_grads_block(const MapJob<T>& job, int64_t off, int64_t L, const A* __restrict u, A scale,
                             T* const* grad_features, double* partials) {
+  if (partials != nullptr) map_dots(job, off, L, u, partials);
+  if (grad_features == nullptr) return;
   for (int j = 0; j < job.K; ++j) {
-    T* __restrict out = grad_features == nullptr ? nullptr : grad_features[j] + off;
+    T* __restrict out = grad_features[j] + off;
     const A a = scale * job.alpha[j];
-    A dot_j = 0;
     for_each_sigma_run(job, j, off, L, [&](const auto& run) {
-      const int64_t end = run.i0 + run.len;
-      if (partials != nullptr)
-        dot_j += reduce<A>(
-            run.i0, end, [&](int64_t i) { return loadu(u + i) * run.pack(i); },
-            [&](int64_t i) { return u[i] * run.value(i); });
-      if (out != nullptr)
-        for (int64_t i = run.i0; i < end; ++i) out[i] = static_cast<T>(a * u[i] * run.pass(i));
+      for (int64_t i = run.i0; i < run.i0 + run.len; ++i) out[i] = static_cast<T>(a * u[i] * run.pass(i));
     });
-    if (partials != nullptr) partials[j] += dot_j;
   }
+}
+
+// out = sum_j alpha_j sigma_j(T_j) for one block, sigma fused into the accumulation.
+template <typename T, typename A>
+inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __restrict out) {
+  for_each_map_group(job.K, [&](auto group, int j0) { accumulate_group<decltype(group)::value>(job, j0, off, L, out); });
 }
 
 // Calls fn(item, sample, flat offset, length) for every block of work items [begin, end).
@@ -286,33 +318,15 @@ void aggregate_backward(const MapJob<T>& job, const T* grad, T* const* grad_feat
 template <typename T>
 void bridge_forward(const MapJob<T>& job, const T* student, double* partials, int64_t begin, int64_t end) {
   using A = acc_type<T>;
-  A sbuf[kBlock], agg[kBlock], tmp[kBlock];
+  A sbuf[kBlock], agg[kBlock];
   const int K = job.K;
   for_each_block(job, begin, end, [&](int64_t item, int64_t, int64_t off, int64_t L) {
     double* acc = partials + item * (2 * K + 1);
     const A* __restrict s = view(student + off, sbuf, L);
     acc[0] += dot(s, s, L);
-    // First pass: A and <s, T_j> together; second pass (maps now cache-hot): <A, T_j>.
-    for (int64_t i = 0; i < L; ++i) agg[i] = 0;
-    for (int j = 0; j < K; ++j) {
-      const A* __restrict x = view(job.features[j] + off, tmp, L);
-      const A a = job.alpha[j];
-      acc[1 + j] += reduce<A>(  // agg += a x while summing s x: one pass over x
-          0, L,
-          [&](int64_t i) {
-            const pack_t<A> xv = loadu(x + i);
-            storeu(agg + i, loadu(agg + i) + a * xv);
-            return loadu(s + i) * xv;
-          },
-          [&](int64_t i) {
-            agg[i] += a * x[i];
-            return s[i] * x[i];
-          });
-    }
-    for (int j = 0; j < K; ++j) {
-      const A* __restrict x = view(job.features[j] + off, tmp, L);
-      acc[1 + K + j] += dot(agg, x, L);
-    }
+    aggregate_block(job, off, L, agg);
+    map_dots(job, off, L, s, acc + 1);      // <s, T_j>
+    map_dots(job, off, L, agg, acc + 1 + K);  // <A, T_j>: the maps are cache-hot by now
   });
 }
 
