@@ -5,7 +5,6 @@
 // Within a block of kBlock elements the maps are converted to the accumulation type and reduced
 // on explicit SIMD packs; each block's sum is then added to a double per-chunk partial.
 
-
 #include "../common/dfa_math.h"
 #include "map_job.h"
 
