@@ -20,3 +20,9 @@ def restore_threads() -> Iterator[None]:
     saved = torch.get_num_threads()
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def one_thread(restore_threads: None) -> None:
+    """Tiny tensors: extra intra-op threads only add synchronisation (a lot on a busy 2-core machine)."""
+    torch.set_num_threads(1)

@@ -1,0 +1,58 @@
+"""OFD margins of the teacher's pre-ReLU features, from the BN that produced them (method.md s. 3).
+
+A channel's pre-ReLU response is modelled as x ~ N(mu, s^2) with mu = BN bias, s = |BN weight|;
+its margin is E[x | x < 0] = mu - s * phi(mu/s) / Phi(-mu/s), or -3s when Phi(-mu/s) <= 1e-3 (too
+few negative responses to trust the estimate, as in OFD's code).  For s == 0 the response is the
+constant mu, and the margin is min(mu, 0): mu itself when it is negative, else 0 (the s -> 0 limit
+of both branches).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ModelError
+
+TAIL_THRESHOLD = 1e-3  # Phi(-mu/s) at or below which OFD falls back to -3s
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def bn_margins(bn: nn.Module) -> Tensor:
+    """Per-channel margins of a BatchNorm's output: [C], float32, detached, on the BN's device."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise ModelError(f"margins need a BatchNorm module, got {type(bn).__name__}")
+    ref = bn.weight if bn.affine else bn.running_mean
+    device = ref.device if ref is not None else torch.device("cpu")
+    if bn.affine:
+        s = bn.weight.detach().to("cpu", torch.float64).abs()
+        mu = bn.bias.detach().to("cpu", torch.float64)
+    else:  # a non-affine BN outputs N(0, 1)-like responses
+        s = torch.ones(bn.num_features, dtype=torch.float64)
+        mu = torch.zeros(bn.num_features, dtype=torch.float64)
+    degenerate = s == 0
+    r = mu / torch.where(degenerate, torch.ones_like(s), s)
+    # phi(r) / Phi(-r) in log space: Phi(-r) underflows long before the ratio is large.
+    log_tail = torch.special.log_ndtr(-r)
+    ratio = torch.exp(-0.5 * r * r - _LOG_SQRT_2PI - log_tail)
+    margin = torch.where(torch.special.ndtr(-r) > TAIL_THRESHOLD, mu - s * ratio, -3.0 * s)
+    margin = torch.where(degenerate, mu.clamp(max=0.0), margin)
+    return margin.to(device=device, dtype=torch.float32)
+
+
+def group_margins(bns: Sequence[nn.Module]) -> Tensor:
+    """Margins of a group's K layers, [K, C]: row j from ``bns[j]`` (GroupFeatures.bns)."""
+    if len(bns) == 0:
+        raise ModelError("group_margins needs at least one BN")
+    for j, bn in enumerate(bns):
+        if bn is None:
+            raise ModelError(f"layer {j} of the group has no known BN, so it has no OFD margin")
+    rows = [bn_margins(bn) for bn in bns]
+    channels = [row.numel() for row in rows]
+    if len(set(channels)) != 1:
+        raise ModelError(f"the group's BNs have different channel counts {channels}; "
+                         "margins of one group must share C")
+    return torch.stack(rows)

@@ -1,0 +1,89 @@
+"""Models by name: ``create("wrn_40_2", num_classes=100)``, ``available_models()``.
+
+Names: ``resnet{d}`` and ``resnet{d}x4`` (d = 6n + 2), ``wrn_{d}_{k}`` (d = 6n + 4, k >= 1),
+``torchvision:resnet{18,34,50,101,152}`` (wrapped in a :class:`HookedNetwork`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, List
+
+from torch import nn
+
+from ..errors import ModelError
+from .hooked import HookedNetwork
+from .resnet_cifar import WIDTHS, WIDTHS_X4, CifarResNet
+from .taps import TappedNetwork
+from .wrn import WideResNet
+
+_CIFAR_RESNETS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
+                  "resnet110", "resnet8x4", "resnet32x4")
+_WRNS = ("wrn_16_1", "wrn_16_2", "wrn_16_4", "wrn_28_2", "wrn_28_4", "wrn_40_1", "wrn_40_2")
+_TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+_TV_PREFIX = "torchvision:"
+
+
+def available_models() -> List[str]:
+    """The named models (any resnet{6n+2}[x4] and wrn_{6n+4}_{k} is accepted as well)."""
+    return [*_CIFAR_RESNETS, *_WRNS, *(_TV_PREFIX + n for n in _TORCHVISION)]
+
+
+def _resnet(m: re.Match, num_classes: int, in_channels: int) -> TappedNetwork:
+    return CifarResNet(int(m[1]), WIDTHS_X4 if m[2] else WIDTHS, num_classes, in_channels)
+
+
+def _wrn(m: re.Match, num_classes: int, in_channels: int, dropout: float = 0.0) -> TappedNetwork:
+    return WideResNet(int(m[1]), int(m[2]), num_classes, in_channels, dropout=dropout)
+
+
+def _torchvision(m: re.Match, num_classes: int, in_channels: int,
+                 small_input: bool = False) -> TappedNetwork:
+    """A torchvision ResNet (random init).  ``small_input``: CIFAR-style stem, a 3x3 stride-1
+    conv1 and no max-pool, so 32x32 images keep 32/16/8/4 maps instead of 8/4/2/1."""
+    import torchvision  # lazy: only these models need it
+
+    model = getattr(torchvision.models, m[1])(weights=None, num_classes=num_classes)
+    if small_input or in_channels != 3:
+        kernel, stride, padding = (3, 1, 1) if small_input else (7, 2, 3)
+        model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, kernel, stride, padding,
+                                bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if small_input:
+        model.maxpool = nn.Identity()
+    return HookedNetwork(model)
+
+
+# (pattern, builder, accepted keyword arguments)
+_FAMILIES: List[tuple] = [
+    (re.compile(r"resnet(\d+)(x4)?"), _resnet, ()),
+    (re.compile(r"wrn_(\d+)_(\d+)"), _wrn, ("dropout",)),
+    (re.compile(_TV_PREFIX + "(" + "|".join(_TORCHVISION) + ")"), _torchvision, ("small_input",)),
+]
+
+
+def create(name: str, num_classes: int = 10, in_channels: int = 3,
+           **kwargs: Any) -> TappedNetwork:
+    """Builds a freshly initialised model; logits [B, num_classes] for images [B, in_channels, H, W].
+
+    Raises :class:`ModelError` for an unknown name, a bad depth/width or an unknown argument.
+    """
+    for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelError(f"{what} must be a positive int, got {value!r}")
+    for pattern, build, accepted in _FAMILIES:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ModelError(f"model {name!r} does not take {unknown}; it accepts "
+                             f"{list(accepted) or 'no extra arguments'}")
+        try:
+            model = build(match, num_classes, in_channels, **kwargs)
+        except ModelError as error:  # e.g. a bad depth: say which name the user gave
+            raise ModelError(f"model {name!r}: {error}") from None
+        model.model_name = name
+        return model
+    raise ModelError(f"unknown model {name!r}; available: {', '.join(available_models())} "
+                     "(any resnet{6n+2}, resnet{6n+2}x4 and wrn_{6n+4}_{k} too)")

@@ -1,0 +1,287 @@
+"""HookedNetwork: the tapped-network contract by hooks, for torchvision ResNets and custom models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+from dfa_ext.errors import ModelError
+from dfa_ext.models import HookedNetwork, TapOutput, create
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.25)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
+def _image(shape=(3, 32, 32), batch=2, seed=0) -> torch.Tensor:
+    return torch.randn((batch,) + shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _manual_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision block's pre-ReLU output, recomputed without its in-place ReLU on the result."""
+    relu = nn.ReLU()
+    out = relu(block.bn1(block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    return out + (x if block.downsample is None else block.downsample(x))
+
+
+def _block_inputs(net: HookedNetwork) -> dict:
+    """Hooks cloning every block's input; returns the dict they fill, keyed by layer name."""
+    inputs = {}
+    for path in (p for g in net._groups for p in g):
+        net.model.get_submodule(path).register_forward_pre_hook(
+            lambda m, args, path=path: inputs.__setitem__(path, args[0].detach().clone()))
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> HookedNetwork:
+    net = create("torchvision:resnet18", num_classes=6, small_input=True).eval()
+    _randomize_bn(net)
+    return net
+
+
+@pytest.fixture(scope="module")
+def resnet50() -> HookedNetwork:
+    net = create("torchvision:resnet50", num_classes=6).eval()
+    _randomize_bn(net)
+    return net
+
+
+def test_default_layout_of_torchvision_resnets(resnet18, resnet50):
+    assert resnet18.group_names() == ("layer1", "layer2", "layer3", "layer4")
+    assert resnet18.num_groups == 4 and isinstance(resnet18.group_input_activation, nn.ReLU)
+    with torch.no_grad():
+        out = resnet18(_image(), features=True)
+        out50 = resnet50(_image(), features=True)
+    assert isinstance(out, TapOutput) and out.logits.shape == (2, 6)
+    assert out.groups[1].names == ("layer2.0", "layer2.1")
+    assert [g.last.shape[1:] for g in out.groups] == [(64, 32, 32), (128, 16, 16), (256, 8, 8),
+                                                      (512, 4, 4)]
+    assert [len(g.layers) for g in out50.groups] == [3, 4, 6, 3]
+    assert [g.last.shape[1:] for g in out50.groups] == [(256, 8, 8), (512, 4, 4), (1024, 2, 2),
+                                                        (2048, 1, 1)]
+    for net, o, bn_name in ((resnet18, out, "bn2"), (resnet50, out50, "bn3")):
+        for group in o.groups:
+            for name, bn in zip(group.names, group.bns):
+                assert bn is getattr(net.model.get_submodule(name), bn_name)
+
+
+@pytest.mark.parametrize("which", ["resnet18", "resnet50"])
+def test_features_survive_the_in_place_relu(which, request):
+    net = request.getfixturevalue(which)
+    copy_net = copy.deepcopy(net)  # the module-scoped fixture must not keep the extra hooks
+    inputs = _block_inputs(copy_net)
+    x = _image()
+    with torch.no_grad():
+        out = copy_net(x, features=True)
+        for group in out.groups:
+            for name, t in zip(group.names, group.layers):
+                block = copy_net.model.get_submodule(name)
+                # the last ReLU call's input: bn3/bn2 + shortcut, not an earlier ReLU's input
+                torch.testing.assert_close(t, _manual_block(block, inputs[name]),
+                                           rtol=1e-5, atol=1e-5)
+                assert t._version == 0
+                assert (t < 0).any(), f"{name} is not pre-ReLU"
+        # the block outputs themselves are the ReLU of the features
+        for g in range(1, net.num_groups):
+            first = out.groups[g].names[0]
+            torch.testing.assert_close(inputs[first], torch.relu(out.groups[g - 1].last))
+
+
+@pytest.mark.parametrize("which", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_from_equals_the_plain_forward(which, train, request):
+    net = request.getfixturevalue(which)
+    net.train(train)
+    try:
+        x = _image()
+        with torch.no_grad():
+            out = net(x, features=True)
+            assert torch.equal(net(x), out.logits)
+            assert torch.equal(net.forward_from(0, x), out.logits)
+            for g in range(1, net.num_groups + 1):
+                h = net.group_input_activation(out.groups[g - 1].last)
+                torch.testing.assert_close(net.forward_from(g, h), out.logits, rtol=0, atol=0)
+    finally:
+        net.eval()
+
+
+def test_no_stale_tensors_between_calls(resnet18):
+    x1, x2 = _image(seed=1), _image(seed=2)
+    with torch.no_grad():
+        first = resnet18(x1, features=True)
+        assert resnet18._stash == {} and not resnet18._capturing
+        resnet18(x2)  # features=False: no capture at all
+        assert resnet18._stash == {}
+        second = resnet18(x2, features=True)
+        again = resnet18(x1, features=True)
+    for a, b, c in zip(first.groups, second.groups, again.groups):
+        for t1, t2, t3 in zip(a.layers, b.layers, c.layers):
+            assert not torch.equal(t1, t2)
+            assert torch.equal(t1, t3) and t1 is not t3
+
+
+def test_features_false_records_nothing(resnet18, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **k: calls.append(1))
+    with torch.no_grad():
+        resnet18(_image())
+    assert calls == []
+
+
+def test_gradients_flow_from_the_features_to_the_input():
+    net = create("torchvision:resnet18", in_channels=1, small_input=True).train()
+    x = _image((1, 28, 28)).requires_grad_(True)
+    out = net(x, features=True)
+    assert [g.last.shape[-1] for g in out.groups] == [28, 14, 7, 4]
+    sum(t.pow(2).mean() for t in out.groups[2].layers).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert net.model.conv1.weight.grad.abs().sum() > 0
+    assert net.model.layer4[0].conv1.weight.grad is None
+
+
+# ---------------------------------------------------------------- custom models
+
+class ThreeCalls(nn.Module):
+    """Calls its in-place ReLU three times; the pre-ReLU output is the last call's input."""
+
+    def __init__(self, shared: nn.Module | None = None) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+        self.relu = shared if shared is not None else nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        a = self.relu(x - 1.0)
+        b = self.relu(x * 2.0)
+        return self.relu(self.bn(a + b - 3.0))
+
+
+class NoRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Toy(nn.Module):
+    def __init__(self, blocks, skip_last: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(2, 3)
+        self.skip_last = skip_last
+
+    def forward(self, x):
+        for i, block in enumerate(self.blocks):
+            if not (self.skip_last and i == len(self.blocks) - 1):
+                x = block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _toy_head(model, h):
+    return model.fc(h.mean((2, 3)))
+
+
+def test_last_call_semantics_and_a_shared_relu():
+    shared = nn.ReLU(inplace=True)
+    toy = Toy([ThreeCalls(shared), ThreeCalls(shared)]).eval()
+    net = HookedNetwork(toy, [["blocks.0"], ["blocks.1"]], stages=["blocks.0", "blocks.1"],
+                        head=_toy_head)
+    assert net.group_names() == ("blocks.0", "blocks.1")
+    x = _image((2, 4, 4))
+    with torch.no_grad():
+        out = net(x, features=True)
+        b0, b1 = toy.blocks
+        first = b0.bn(torch.relu(x - 1) + torch.relu(2 * x) - 3)
+        torch.testing.assert_close(out.groups[0].last, first)
+        h = torch.relu(first)
+        second = b1.bn(torch.relu(h - 1) + torch.relu(2 * h) - 3)
+        torch.testing.assert_close(out.groups[1].last, second)
+        assert out.groups[0].bns == (b0.bn,)
+        for g in range(3):
+            inp = x if g == 0 else net.group_input_activation(out.groups[g - 1].last)
+            assert torch.equal(net.forward_from(g, inp), out.logits)
+
+
+def test_blocks_without_relu_fall_back_to_their_output():
+    net = HookedNetwork(Toy([NoRelu(), NoRelu()]), [["blocks.0"], ["blocks.1"]],
+                        stages=["blocks.0", "blocks.1"], head=_toy_head)
+    assert isinstance(net.group_input_activation, nn.Identity)
+    x = _image((2, 4, 4))
+    out = net(x, features=True)
+    torch.testing.assert_close(out.groups[0].last, net.model.blocks[0](x))
+    assert out.groups[0].bns == (None,)
+    assert torch.equal(net.forward_from(1, out.groups[0].last), out.logits)
+
+
+class ReluNoBn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(x - 0.5)
+
+
+def test_a_block_with_relu_but_no_bn_is_tapped_before_its_relu():
+    net = HookedNetwork(Toy([ReluNoBn()]), [["blocks.0"]])
+    x = _image((2, 4, 4))
+    out = net(x, features=True)
+    assert torch.equal(out.groups[0].last, x - 0.5) and out.groups[0].bns == (None,)
+
+
+def test_a_block_that_did_not_run_is_an_error_not_stale_data():
+    toy = Toy([ThreeCalls(), ThreeCalls()])
+    net = HookedNetwork(toy, [["blocks.0", "blocks.1"]])
+    net(_image((2, 4, 4)), features=True)
+    toy.skip_last = True
+    with pytest.raises(ModelError, match="blocks.1"):
+        net(_image((2, 4, 4)), features=True)
+    assert net._stash == {} and net._active == []
+    with pytest.raises(ModelError, match="stages"):
+        net.forward_from(1, _image((2, 4, 4)))
+
+
+@pytest.mark.parametrize("args, match", [
+    ((Toy([NoRelu()]),), "pass `groups`"),
+    ((Toy([NoRelu()]), [["blocks.5"]]), "no block"),
+    ((Toy([NoRelu()]), [[]]), "at least one block"),
+    ((Toy([NoRelu(), NoRelu()]), [["blocks.0"], ["blocks.0"]]), "twice"),
+    ((Toy([NoRelu(), ThreeCalls()]), [["blocks.0"], ["blocks.1"]]), "all have a `relu`"),
+])
+def test_bad_groupings(args, match):
+    with pytest.raises(ModelError, match=match):
+        HookedNetwork(*args)
+
+
+def test_deepcopy_records_into_the_copy(resnet18):
+    clone = copy.deepcopy(resnet18)
+    x = _image()
+    with torch.no_grad():
+        out = clone(x, features=True)
+        ref = resnet18(x, features=True)
+    for a, b in zip(out.groups, ref.groups):
+        assert all(torch.equal(s, t) for s, t in zip(a.layers, b.layers))
+        assert a.bns[0] is not b.bns[0]
+        assert a.bns[0] is clone.model.get_submodule(a.names[0]).bn2
