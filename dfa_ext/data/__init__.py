@@ -1,0 +1,15 @@
+"""Datasets and loaders: ``load_data(name, data_dir)`` -> ``DataBundle(train, test, spec)``.
+
+Items are ``(normalised float32 [C, H, W] image, int label)``. Training augmentation is drawn per
+sample from (seed, epoch, index), so it does not depend on workers, ranks or resumes.
+"""
+
+from __future__ import annotations
+
+from .loader import EpochSampler, make_loader
+from .registry import DEFAULT_DATASET, available_datasets, dataset_options, load_data
+from .spec import DataBundle, DataSpec
+from .transforms import Augment
+
+__all__ = ["DataBundle", "DataSpec", "Augment", "load_data", "available_datasets", "dataset_options",
+           "DEFAULT_DATASET", "EpochSampler", "make_loader"]
