@@ -1,0 +1,7 @@
+"""``python -m dfa_ext`` is the ``dfa`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

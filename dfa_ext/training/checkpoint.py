@@ -1,0 +1,109 @@
+"""Atomic checkpoint files and the models stored in them.
+
+A checkpoint is a dict saved with ``torch.save``; it always has ``format``, ``kind`` (what wrote
+it: "teacher", "search", "distill") and ``model`` (how to rebuild the network: the name and
+arguments of ``dfa_ext.models.create``) besides the weights. Files are written to a temporary
+name in the same folder, flushed to disk, then renamed over the old one, so an interruption
+leaves either the old or the new file, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+FORMAT = "dfa_ext.checkpoint/1"
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Any) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Writes ``state`` (tensors, numbers, strings, lists, dicts) atomically to ``path``."""
+    state = {"format": FORMAT, **state}
+    atomic_write_bytes(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None,
+                    map_location: str | torch.device = "cpu") -> dict:
+    """Reads a checkpoint written by :func:`save_checkpoint`.
+
+    Loads with ``weights_only=True``: a checkpoint from elsewhere cannot run code.
+
+    Raises:
+        CheckpointError: the file is missing, is not a dfa_ext checkpoint, is corrupt, or is not
+            of the expected ``kind``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for truncated/garbage files
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a torch file "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dfa_ext checkpoint (expected format {FORMAT!r})")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and state.get("kind") not in kinds:
+        raise CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint; expected {' or '.join(kinds)}")
+    return state
+
+
+def model_from_checkpoint(state_or_path: dict | str | os.PathLike, *, key: str = "model") -> nn.Module:
+    """Rebuilds the network a checkpoint describes and loads its weights (in eval mode).
+
+    ``state[key]`` holds ``{"name", "num_classes", "in_channels", "kwargs", "state_dict"}``.
+    """
+    from .. import models
+
+    state = state_or_path if isinstance(state_or_path, dict) else load_checkpoint(state_or_path)
+    try:
+        spec = state[key]
+        model = models.create(spec["name"], num_classes=spec["num_classes"],
+                              in_channels=spec["in_channels"], **spec.get("kwargs", {}))
+        model.load_state_dict(spec["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint does not hold a usable {key!r} network: "
+                              f"{str(error).splitlines()[0][:300]}") from None
+    return model.eval()
+
+
+def model_record(model: nn.Module, name: str, num_classes: int, in_channels: int,
+                 kwargs: dict | None = None) -> dict:
+    """What :func:`model_from_checkpoint` needs, with a CPU copy of the weights."""
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"name": name, "num_classes": num_classes, "in_channels": in_channels,
+            "kwargs": dict(kwargs or {}), "state_dict": state_dict}

@@ -1,0 +1,56 @@
+"""Test-set evaluation: loss, top-1 and top-5 accuracy, summed over every process."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data.loader import make_loader
+from .distributed import DistContext, current_context
+
+
+def correct_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """How many of the B samples have their label among the k largest logits."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return int((top == labels[:, None]).any(dim=1).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
+             device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
+             dist: DistContext | None = None,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+    """Evaluates ``model`` (in eval mode, restored afterwards) on every sample of ``dataset``.
+
+    Under several processes each evaluates its share and the sums are reduced, so every process
+    gets the whole-set numbers.
+
+    Returns:
+        ``{"loss": mean cross-entropy, "top1": %, "top5": %}`` (top-5 is top-k for k = classes
+        when there are fewer than 5).
+    """
+    dist = dist or current_context()
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    loader = make_loader(dataset, batch_size, train=False, rank=dist.rank, world_size=dist.world_size)
+    try:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with autocast or contextlib.nullcontext():
+                logits = model(images)
+            logits = logits.float()
+            sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
+                                  correct_at_k(logits, labels, 1), correct_at_k(logits, labels, 5),
+                                  labels.numel()], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    loss, top1, top5, count = dist.all_reduce_sum(sums).tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}

@@ -1,0 +1,47 @@
+"""Turns Ctrl-C / SIGTERM into a request to stop at the next step boundary.
+
+The training loop checks :attr:`InterruptGuard.requested` after each optimiser step, saves a
+checkpoint there and stops, so no half-applied step is ever saved. A second signal aborts at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+from ..errors import DfaError
+
+
+class TrainingInterrupted(DfaError):
+    """Training stopped on request; ``checkpoint`` is the file a rerun resumes from."""
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__(f"interrupted; progress saved to {checkpoint}; run the same command again to resume")
+        self.checkpoint = checkpoint
+
+
+class InterruptGuard:
+    """Context manager that records SIGINT/SIGTERM instead of raising (main thread only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:  # second signal: the user really wants out now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()

@@ -1,0 +1,310 @@
+"""The epoch loop every trainer shares: optimise, evaluate, log, checkpoint, resume.
+
+A trainer supplies a :class:`TrainingTask` (which modules learn and the named losses of a batch)
+and a :class:`LoopConfig`; :func:`fit` does the rest. Resuming is exact: the data order and
+augmentation are functions of (seed, epoch, index), the learning rate a function of the step,
+and the checkpoint holds the weights, optimiser, scaler and RNG state at a step boundary, so an
+interrupted and resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..config import config_dict, option
+from ..data import DataBundle
+from ..data.loader import make_loader
+from ..errors import CheckpointError, ConfigError
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistContext, current_context
+from .evaluate import correct_at_k, evaluate
+from .interrupt import InterruptGuard, TrainingInterrupted
+from .metrics_log import MetricsLog
+from .schedule import SCHEDULES, LrSchedule, make_sgd
+from .seeding import rng_state, set_deterministic, set_rng_state
+
+AMP_CHOICES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class LoopConfig:
+    """Options of the training loop (shared by the teacher and distillation trainers)."""
+
+    epochs: int = option(30, "training epochs")
+    batch_size: int = option(128, "global batch size (split evenly over processes)")
+    lr: float = option(0.1, "peak learning rate of SGD")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay on every parameter")
+    schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
+    milestones: tuple[float, ...] = option((0.5, 0.75), "step schedule: fractions of the run where lr is multiplied by lr_gamma")
+    lr_gamma: float = option(0.1, "step schedule: lr factor at each milestone")
+    warmup_epochs: float = option(0.0, "linear lr warm-up, in epochs")
+    grad_clip: float | None = option(None, "clip the gradient norm to this value (off when unset)")
+    seed: int = option(0, "seed of initialisation, data order and augmentation")
+    deterministic: bool = option(False, "deterministic kernels only (slower on GPUs)")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    amp: str = option("none", "mixed precision: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)", choices=AMP_CHOICES)
+    channels_last: bool = option(True, "NHWC layout for images and conv weights (faster convolutions)")
+    num_workers: int = option(0, "data-loading worker processes")
+    eval_batch_size: int = option(512, "batch size of evaluation")
+    checkpoint_every: int = option(0, "also checkpoint every N steps within an epoch (0: at epoch ends only)")
+    resume: bool = option(True, "resume from OUT/last.pt when it exists")
+    progress: bool = option(True, "show a progress bar")
+    tensorboard: bool | None = option(None, "TensorBoard logs in OUT/tensorboard (default: when installed)")
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "warmup_epochs", "momentum"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.amp not in AMP_CHOICES:
+            raise ConfigError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.num_workers < 0 or self.checkpoint_every < 0:
+            raise ConfigError("num_workers and checkpoint_every must be >= 0")
+
+
+class TrainingTask(nn.Module):
+    """What :func:`fit` trains.
+
+    Subclasses set ``classifier`` (the network evaluated on the test set), implement
+    :meth:`forward` and say which parameters learn and what a checkpoint keeps.
+    """
+
+    classifier: nn.Module
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns the classifier's logits [B, classes] and the named scalar losses (summed to train)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def export_state(self) -> dict:
+        """What a checkpoint keeps (at least ``"model"``, a record for ``model_from_checkpoint``)."""
+        raise NotImplementedError
+
+    def import_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class FitResult:
+    best_top1: float
+    last_top1: float
+    last_top5: float
+    epochs: int
+    seconds: float
+    out_dir: Path
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is visible")
+    return device
+
+
+def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of an ``amp`` choice (a no-op for "none")."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp fp16 needs a CUDA device; use bf16 on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _check_same_run(saved: dict, signature: dict, path: Path) -> None:
+    differing = [k for k in signature if saved.get(k) != signature[k]]
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} there, {signature[k]!r} now" for k in differing)
+        raise CheckpointError(f"{path} belongs to a different run ({details}); choose another output "
+                              f"folder or pass --no-resume after moving it away")
+
+
+def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str | Path, *,
+        kind: str, signature: dict, extra_state: dict | None = None,
+        on_step: Callable[[int], Any] | None = None, dist: DistContext | None = None) -> FitResult:
+    """Trains ``task`` on ``data.train``, evaluating on ``data.test`` after each epoch.
+
+    Files in ``out_dir`` (written by the main process only, atomically):
+    ``last.pt`` (full state, resumable; also usable as a model checkpoint), ``best.pt`` (weights
+    of the best test top-1), ``metrics.csv`` (one row per epoch), ``tensorboard/``.
+
+    Args:
+        kind: checkpoint kind ("teacher", "distill", ...).
+        signature: what identifies the run (model, data, seed, ...); resuming a run with a
+            different signature is refused.
+        extra_state: more entries for every checkpoint (e.g. the run configuration).
+        on_step: called with the global step after each optimiser step (tests use it to send
+            an interrupt).
+    Raises:
+        TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is saved.
+    """
+    config.validate()
+    dist = dist or current_context()
+    out = Path(out_dir)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    device = resolve_device(config.device)
+    set_deterministic(config.deterministic)
+    if config.batch_size % dist.world_size:
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the number of processes {dist.world_size}")
+    per_rank_batch = config.batch_size // dist.world_size
+    autocast = autocast_for(config.amp, device)
+
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    task.to(device, memory_format=memory_format)
+    optimizer = make_sgd(task.trainable_parameters(), lr=config.lr, momentum=config.momentum,
+                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    steps_per_epoch = len(make_loader(data.train, per_rank_batch, train=True, seed=config.seed,
+                                      rank=dist.rank, world_size=dist.world_size))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the training set ({len(data.train)} samples) is smaller than one batch ({config.batch_size})")
+    schedule = LrSchedule(config.lr, steps_per_epoch * config.epochs, config.schedule, config.milestones,
+                          config.lr_gamma, round(config.warmup_epochs * steps_per_epoch))
+
+    epoch, start_batch, step, best_top1, sums = 0, 0, 0, -math.inf, None
+    if last_path.is_file():
+        if not config.resume:
+            raise ConfigError(f"{out} already holds a run (last.pt); resume it (drop --no-resume) "
+                              f"or choose another output folder")
+        state = load_checkpoint(last_path, kind=kind)
+        _check_same_run(state.get("signature", {}), signature, last_path)
+        task.import_state(state)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        best_top1, sums = state["best_top1"], state.get("epoch_sums")
+
+    def checkpoint(next_epoch: int, next_batch: int, epoch_sums: dict | None) -> None:
+        if dist.is_main:
+            save_checkpoint(last_path, {
+                "kind": kind, "signature": signature, **(extra_state or {}), **task.export_state(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "epoch": next_epoch, "batch": next_batch, "step": step, "best_top1": best_top1,
+                "epoch_sums": epoch_sums})
+        dist.barrier()
+
+    log = MetricsLog(out, start_epoch=epoch, tensorboard=config.tensorboard, enabled=dist.is_main)
+    started = time.perf_counter()
+    last_metrics = {"top1": math.nan, "top5": math.nan}
+    try:
+        with InterruptGuard() as guard:
+            while epoch < config.epochs:
+                loader = make_loader(data.train, per_rank_batch, train=True, seed=config.seed, epoch=epoch,
+                                     start_batch=start_batch, num_workers=config.num_workers,
+                                     rank=dist.rank, world_size=dist.world_size,
+                                     pin_memory=device.type == "cuda")
+                sums = sums or {"samples": 0.0, "correct": 0.0}
+                task.train()
+                bar = _progress(config.progress and dist.is_main, steps_per_epoch, start_batch,
+                                f"epoch {epoch + 1}/{config.epochs}")
+                batch, lr = start_batch, optimizer.param_groups[0]["lr"]
+                for images, labels in loader:
+                    lr = schedule.apply(optimizer, step)
+                    images = images.to(device, non_blocking=True, memory_format=memory_format)
+                    labels = labels.to(device, non_blocking=True)
+                    with autocast:
+                        logits, losses = task(images, labels)
+                    loss = sum(losses.values())
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if config.grad_clip is not None:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(list(task.trainable_parameters()), config.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    step, batch = step + 1, batch + 1
+                    count = float(labels.numel())
+                    sums["samples"] += count
+                    sums["correct"] += correct_at_k(logits.detach().float(), labels, 1)
+                    for name, value in losses.items():
+                        sums[name] = sums.get(name, 0.0) + float(value.detach()) * count
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.4g}")
+                    if on_step is not None:
+                        on_step(step)
+                    if _stop_requested(guard, dist):
+                        checkpoint(epoch, batch, sums)
+                        raise TrainingInterrupted(str(last_path))
+                    if config.checkpoint_every and step % config.checkpoint_every == 0:
+                        checkpoint(epoch, batch, sums)
+                if bar is not None:
+                    bar.close()
+                totals = dict(zip(sums, dist.all_reduce_sum(torch.tensor(list(sums.values()))).tolist()))
+                samples = max(totals.pop("samples"), 1.0)
+                train = {f"train_{k}": v / samples for k, v in totals.items() if k != "correct"}
+                train["train_top1"] = 100.0 * totals["correct"] / samples
+                test = evaluate(task.classifier, data.test, batch_size=config.eval_batch_size,
+                                device=device, autocast=autocast, dist=dist, memory_format=memory_format)
+                last_metrics = test
+                improved = test["top1"] > best_top1
+                best_top1 = max(best_top1, test["top1"])
+                epoch, start_batch, sums = epoch + 1, 0, None
+                metrics = {**train, **{f"test_{k}": v for k, v in test.items()}, "lr": lr,
+                           "seconds": time.perf_counter() - started}
+                if improved and dist.is_main:
+                    save_checkpoint(best_path, {"kind": kind, "signature": signature, **(extra_state or {}),
+                                                **task.export_state(), "epoch": epoch, "metrics": metrics})
+                checkpoint(epoch, 0, None)
+                log.log(epoch - 1, metrics)
+                if dist.is_main:
+                    _report(f"epoch {epoch}/{config.epochs}: train loss {sum(train[k] for k in train if k != 'train_top1'):.4f} "
+                            f"top1 {train['train_top1']:.2f}% | test loss {test['loss']:.4f} top1 {test['top1']:.2f}% "
+                            f"top5 {test['top5']:.2f}% | best {best_top1:.2f}%", config.progress)
+    finally:
+        log.close()
+    if math.isnan(last_metrics["top1"]):  # the run was already complete: report its saved numbers
+        last_metrics = evaluate(task.classifier, data.test, batch_size=config.eval_batch_size,
+                                device=device, autocast=autocast, dist=dist, memory_format=memory_format)
+    return FitResult(best_top1, last_metrics["top1"], last_metrics["top5"], epoch,
+                     time.perf_counter() - started, out)
+
+
+def _stop_requested(guard: InterruptGuard, dist: DistContext) -> bool:
+    """Whether any process got a stop signal (all processes must stop at the same step)."""
+    if not dist.active:
+        return guard.requested
+    return bool(dist.all_reduce_sum(torch.tensor([float(guard.requested)])).item() > 0)
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _report(line: str, enabled: bool) -> None:
+    if enabled:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
