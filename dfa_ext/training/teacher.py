@@ -70,6 +70,8 @@ def train_teacher(config: TeacherConfig, *, on_step: Callable[[int], Any] | None
     ``best.pt`` are teacher checkpoints for ``dfa search`` and ``dfa distill``.
     """
     config.validate()
+    with torch.device("meta"):  # a bad model name or argument fails now, before data loading
+        models.create(config.model, **config.model_options)
     data = build_data(config)
     seed_everything(config.seed)
     spec = data.spec
