@@ -74,6 +74,21 @@ def _train_teacher(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _search(namespace: argparse.Namespace) -> int:
+    from .search import SearchConfig, run_search
+
+    config = config_from_args(SearchConfig, namespace)
+    result = run_search(config)
+    print(f"search {result.teacher['model']} -> {result.student} on {result.data} ({result.seconds:.0f} s):")
+    for group in result.groups:
+        lead = max(range(len(group.alpha)), key=group.alpha.__getitem__)
+        alphas = " ".join(f"{a:.3f}" for a in group.alpha)
+        print(f"  group {group.index}: alpha [{alphas}]  lead {group.teacher_layers[lead]}"
+              + ("" if group.searched else "  (not searched)"))
+    print(f"aggregation: {config.out}/search.json, picture: {config.out}/alpha.png")
+    return 0
+
+
 def _list_models(namespace: argparse.Namespace) -> int:
     from . import models
 
@@ -89,10 +104,12 @@ def _list_datasets(namespace: argparse.Namespace) -> int:
 
 
 def _subcommands() -> list[tuple[str, str, type | None, Callable[[argparse.Namespace], int]]]:
+    from .search import SearchConfig
     from .training.teacher import TeacherConfig
 
     return [
         ("train-teacher", "train a teacher network with cross-entropy", TeacherConfig, _train_teacher),
+        ("search", "stage 1: search the per-group teacher feature aggregation (bridge loss)", SearchConfig, _search),
         ("models", "list the network names", None, _list_models),
         ("datasets", "list the dataset names", None, _list_datasets),
     ]

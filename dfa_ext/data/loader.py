@@ -119,3 +119,23 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
                       num_workers=num_workers, worker_init_fn=seed_worker,
                       generator=torch.Generator().manual_seed(mix_seed(seed, epoch, rank, 1)),
                       pin_memory=pin_memory, persistent_workers=False)
+
+
+def batch_stream(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False) -> Iterator:
+    """Endless training batches, epoch after epoch, starting at global step ``start_step``.
+
+    Step s is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``: the position in
+    the data is a function of the step count, so a resumed stream continues exactly.
+    """
+    steps_per_epoch = len(make_loader(dataset, batch_size, train=True, seed=seed, rank=rank,
+                                      world_size=world_size))
+    if steps_per_epoch == 0:
+        raise DataError(f"a dataset of {len(dataset)} samples has no full batch of {batch_size}")
+    epoch, batch = divmod(start_step, steps_per_epoch)
+    while True:
+        yield from make_loader(dataset, batch_size, train=True, seed=seed, epoch=epoch, start_batch=batch,
+                               num_workers=num_workers, rank=rank, world_size=world_size,
+                               pin_memory=pin_memory)
+        epoch, batch = epoch + 1, 0

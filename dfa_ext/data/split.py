@@ -52,3 +52,30 @@ def split_bundle(name: str, images: torch.Tensor, labels: torch.Tensor, class_na
     train = ImageTensorDataset(train_images, labels[train_idx], Preprocess(mean, std, augment, seed))
     test = ImageTensorDataset(test_images, labels[test_idx], Preprocess(mean, std))
     return DataBundle(train=train, test=test, spec=spec)
+
+
+class SubsetDataset(torch.utils.data.Dataset):
+    """The items ``indices`` of ``base``, keeping ``labels`` and ``set_epoch``.
+
+    Augmentation draws stay those of the base item (seeded by its own index).
+    """
+
+    def __init__(self, base: torch.utils.data.Dataset, indices: torch.Tensor) -> None:
+        self.base, self.indices = base, indices.to(torch.int64)
+        self.labels = base.labels[self.indices]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[int(self.indices[index])]
+
+
+def split_train_val(dataset: torch.utils.data.Dataset, val_fraction: float, seed: int
+                    ) -> tuple[SubsetDataset, SubsetDataset]:
+    """A stratified, seeded split of a training set into two parts (search-train, search-val)."""
+    train_idx, val_idx = stratified_split(dataset.labels, val_fraction, seed)
+    return SubsetDataset(dataset, train_idx), SubsetDataset(dataset, val_idx)

@@ -107,3 +107,12 @@ def model_record(model: nn.Module, name: str, num_classes: int, in_channels: int
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"name": name, "num_classes": num_classes, "in_channels": in_channels,
             "kwargs": dict(kwargs or {}), "state_dict": state_dict}
+
+
+def check_same_run(saved: dict, signature: dict, path: str | os.PathLike) -> None:
+    """Refuses to resume ``path`` when its run signature differs from this run's."""
+    differing = [k for k in signature if saved.get(k) != signature[k]]
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} there, {signature[k]!r} now" for k in differing)
+        raise CheckpointError(f"{path} belongs to a different run ({details}); choose another output "
+                              f"folder or pass --no-resume after moving it away")

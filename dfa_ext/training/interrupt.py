@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import signal
 import threading
+
+import torch
 from types import FrameType
 
 from ..errors import DfaError
+from .distributed import DistContext
 
 
 class TrainingInterrupted(DfaError):
@@ -45,3 +48,10 @@ class InterruptGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+def stop_requested(guard: InterruptGuard, dist: DistContext) -> bool:
+    """Whether any process got a stop signal: all processes must stop at the same step."""
+    if not dist.active:
+        return guard.requested
+    return bool(dist.all_reduce_sum(torch.tensor([float(guard.requested)])).item() > 0)

@@ -9,7 +9,6 @@ interrupted and resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -23,20 +22,20 @@ from ..config import config_dict, option
 from ..data import DataBundle
 from ..data.loader import make_loader
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_same_run, load_checkpoint, save_checkpoint
 from .distributed import DistContext, current_context
 from .evaluate import correct_at_k, evaluate
-from .interrupt import InterruptGuard, TrainingInterrupted
+from .interrupt import InterruptGuard, TrainingInterrupted, stop_requested
 from .metrics_log import MetricsLog
+from .progress import progress_bar, report
 from .schedule import SCHEDULES, LrSchedule, make_sgd
+from .run_options import RunOptions, autocast_for, resolve_device
 from .seeding import rng_state, set_deterministic, set_rng_state
-
-AMP_CHOICES = ("none", "bf16", "fp16")
 
 
 @dataclass
-class LoopConfig:
-    """Options of the training loop (shared by the teacher and distillation trainers)."""
+class LoopConfig(RunOptions):
+    """Options of the epoch loop (shared by the teacher and distillation trainers)."""
 
     epochs: int = option(30, "training epochs")
     batch_size: int = option(128, "global batch size (split evenly over processes)")
@@ -49,29 +48,16 @@ class LoopConfig:
     lr_gamma: float = option(0.1, "step schedule: lr factor at each milestone")
     warmup_epochs: float = option(0.0, "linear lr warm-up, in epochs")
     grad_clip: float | None = option(None, "clip the gradient norm to this value (off when unset)")
-    seed: int = option(0, "seed of initialisation, data order and augmentation")
-    deterministic: bool = option(False, "deterministic kernels only (slower on GPUs)")
-    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
-    amp: str = option("none", "mixed precision: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)", choices=AMP_CHOICES)
-    channels_last: bool = option(True, "NHWC layout for images and conv weights (faster convolutions)")
-    num_workers: int = option(0, "data-loading worker processes")
     eval_batch_size: int = option(512, "batch size of evaluation")
-    checkpoint_every: int = option(0, "also checkpoint every N steps within an epoch (0: at epoch ends only)")
-    resume: bool = option(True, "resume from OUT/last.pt when it exists")
-    progress: bool = option(True, "show a progress bar")
-    tensorboard: bool | None = option(None, "TensorBoard logs in OUT/tensorboard (default: when installed)")
 
     def validate(self) -> None:
+        super().validate()
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "warmup_epochs", "momentum"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.amp not in AMP_CHOICES:
-            raise ConfigError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
-        if self.num_workers < 0 or self.checkpoint_every < 0:
-            raise ConfigError("num_workers and checkpoint_every must be >= 0")
 
 
 class TrainingTask(nn.Module):
@@ -116,36 +102,6 @@ class FitResult:
         return self.out_dir / "last.pt"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is visible")
-    return device
-
-
-def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context of an ``amp`` choice (a no-op for "none")."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("amp fp16 needs a CUDA device; use bf16 on the CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _check_same_run(saved: dict, signature: dict, path: Path) -> None:
-    differing = [k for k in signature if saved.get(k) != signature[k]]
-    if differing:
-        details = ", ".join(f"{k}: {saved.get(k)!r} there, {signature[k]!r} now" for k in differing)
-        raise CheckpointError(f"{path} belongs to a different run ({details}); choose another output "
-                              f"folder or pass --no-resume after moving it away")
-
-
 def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str | Path, *,
         kind: str, signature: dict, extra_state: dict | None = None,
         on_step: Callable[[int], Any] | None = None, dist: DistContext | None = None) -> FitResult:
@@ -176,7 +132,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     per_rank_batch = config.batch_size // dist.world_size
     autocast = autocast_for(config.amp, device)
 
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    memory_format = config.memory_format
     task.to(device, memory_format=memory_format)
     optimizer = make_sgd(task.trainable_parameters(), lr=config.lr, momentum=config.momentum,
                          nesterov=config.nesterov, weight_decay=config.weight_decay)
@@ -194,7 +150,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
             raise ConfigError(f"{out} already holds a run (last.pt); resume it (drop --no-resume) "
                               f"or choose another output folder")
         state = load_checkpoint(last_path, kind=kind)
-        _check_same_run(state.get("signature", {}), signature, last_path)
+        check_same_run(state.get("signature", {}), signature, last_path)
         task.import_state(state)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -223,7 +179,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                                      pin_memory=device.type == "cuda")
                 sums = sums or {"samples": 0.0, "correct": 0.0}
                 task.train()
-                bar = _progress(config.progress and dist.is_main, steps_per_epoch, start_batch,
+                bar = progress_bar(config.progress and dist.is_main, steps_per_epoch, start_batch,
                                 f"epoch {epoch + 1}/{config.epochs}")
                 batch, lr = start_batch, optimizer.param_groups[0]["lr"]
                 for images, labels in loader:
@@ -251,7 +207,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                         bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.4g}")
                     if on_step is not None:
                         on_step(step)
-                    if _stop_requested(guard, dist):
+                    if stop_requested(guard, dist):
                         checkpoint(epoch, batch, sums)
                         raise TrainingInterrupted(str(last_path))
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -276,7 +232,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                 checkpoint(epoch, 0, None)
                 log.log(epoch - 1, metrics)
                 if dist.is_main:
-                    _report(f"epoch {epoch}/{config.epochs}: train loss {sum(train[k] for k in train if k != 'train_top1'):.4f} "
+                    report(f"epoch {epoch}/{config.epochs}: train loss {sum(train[k] for k in train if k != 'train_top1'):.4f} "
                             f"top1 {train['train_top1']:.2f}% | test loss {test['loss']:.4f} top1 {test['top1']:.2f}% "
                             f"top5 {test['top5']:.2f}% | best {best_top1:.2f}%", config.progress)
     finally:
@@ -286,25 +242,3 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                                 device=device, autocast=autocast, dist=dist, memory_format=memory_format)
     return FitResult(best_top1, last_metrics["top1"], last_metrics["top5"], epoch,
                      time.perf_counter() - started, out)
-
-
-def _stop_requested(guard: InterruptGuard, dist: DistContext) -> bool:
-    """Whether any process got a stop signal (all processes must stop at the same step)."""
-    if not dist.active:
-        return guard.requested
-    return bool(dist.all_reduce_sum(torch.tensor([float(guard.requested)])).item() > 0)
-
-
-def _progress(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _report(line: str, enabled: bool) -> None:
-    if enabled:
-        from tqdm.auto import tqdm
-
-        tqdm.write(line)

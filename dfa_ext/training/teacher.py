@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import models
 from ..config import config_dict, option
-from ..data import DataBundle, load_data
+from ..data.options import DataOptions
 from .checkpoint import atomic_write_text, model_record
 from .distributed import current_context
 from .loop import FitResult, LoopConfig, TrainingTask, fit
@@ -21,7 +21,7 @@ from .seeding import seed_everything
 
 
 @dataclass
-class TeacherConfig(LoopConfig):
+class TeacherConfig(LoopConfig, DataOptions):
     """Options of ``dfa train-teacher`` (besides those of the training loop).
 
     The defaults suit the bundled MNIST digits (a few minutes on 2 CPU cores); the CIFAR recipe of
@@ -33,10 +33,6 @@ class TeacherConfig(LoopConfig):
 
     model: str = option("resnet20", "network name (see `dfa models`), e.g. resnet56, wrn_40_2, resnet32x4")
     model_options: dict = option({}, "extra arguments of the network, as KEY=VALUE")
-    data: str = option("mnist", "dataset: mnist (bundled), digits (bundled), cifar10, cifar100, imagefolder")
-    data_dir: str | None = option(None, "dataset folder (cifar10/cifar100/imagefolder)")
-    data_options: dict = option({}, "extra dataset arguments, as KEY=VALUE (e.g. image_size=32)")
-    augment: bool = option(True, "training-set augmentation (random crop, and flips where they make sense)")
     out: str = option("runs/teacher", "output folder (checkpoints, metrics.csv, config.json)")
 
 
@@ -59,10 +55,6 @@ class ClassifierTask(TrainingTask):
         self.classifier.load_state_dict(state["model"]["state_dict"])
 
 
-def build_data(config: TeacherConfig) -> DataBundle:
-    return load_data(config.data, config.data_dir, augment=config.augment, seed=config.seed, **config.data_options)
-
-
 def train_teacher(config: TeacherConfig, *, on_step: Callable[[int], Any] | None = None) -> FitResult:
     """Trains ``config.model`` on ``config.data``; see :func:`dfa_ext.training.loop.fit` for the files.
 
@@ -72,7 +64,7 @@ def train_teacher(config: TeacherConfig, *, on_step: Callable[[int], Any] | None
     config.validate()
     with torch.device("meta"):  # a bad model name or argument fails now, before data loading
         models.create(config.model, **config.model_options)
-    data = build_data(config)
+    data = config.load(config.seed)
     seed_everything(config.seed)
     spec = data.spec
     model = models.create(config.model, num_classes=spec.num_classes, in_channels=spec.in_channels,

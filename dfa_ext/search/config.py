@@ -1,0 +1,67 @@
+"""Options of stage 1, ``dfa search`` (defaults: method.md sections 5 and 8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import option
+from ..data.options import DataOptions
+from ..errors import ConfigError
+from ..kernels_switch import KERNEL_CHOICES
+from ..training.run_options import RunOptions
+
+OBJECTIVES = ("bridge", "st", "ts", "distill")
+ORDERS = ("first", "second")
+
+
+@dataclass
+class SearchConfig(RunOptions, DataOptions):
+    """Stage 1: for each teacher layer group in turn, learn beta (alpha = softmax(beta)) with the
+    bridge loss on search-val while the student and connectors train on search-train."""
+
+    teacher: str | None = option(None, "teacher checkpoint (last.pt or best.pt of dfa train-teacher)")
+    student: str = option("resnet8", "student network name")
+    student_options: dict = option({}, "extra arguments of the student network, as KEY=VALUE")
+    out: str = option("runs/search", "output folder (search.json, alpha.png, alpha_trajectory.csv, checkpoints)")
+    objective: str = option("bridge", "beta objective: bridge (gamma_st*L_ST + gamma_ts*L_TS), st or ts "
+                            "(one path only), distill (plain partial-L2 distillation loss, collapses)",
+                            choices=OBJECTIVES)
+    gamma_st: float = option(1.0, "weight of the student-to-teacher bridge path L_ST")
+    gamma_ts: float = option(1.0, "weight of the teacher-to-student bridge path L_TS")
+    gamma_fd: float = option(1e-3, "weight of the partial-L2 loss of the distill objective (per-sample sum)")
+    order: str = option("first", "first-order beta gradient, or second-order (DARTS unrolled)", choices=ORDERS)
+    groups: tuple[int, ...] = option((), "groups to search, 0-based, in this order (default: all)")
+    epochs_per_group: float = option(1.0, "search steps per group, in epochs of the search-train split")
+    steps_per_group: int = option(0, "search steps per group (overrides epochs_per_group when > 0)")
+    val_fraction: float = option(0.5, "share of the training split held out as search-val (seeded, stratified)")
+    batch_size: int = option(64, "global batch size of both splits")
+    arch_lr: float = option(3e-4, "Adam learning rate of beta")
+    arch_betas: tuple[float, ...] = option((0.5, 0.999), "Adam betas of beta")
+    arch_weight_decay: float = option(1e-3, "Adam weight decay of beta (the regulariser R)")
+    beta_init_std: float = option(0.0, "beta starts at N(0, std^2) (0: uniform alpha)")
+    lr: float = option(0.025, "peak SGD learning rate of the student and connectors (cosine decay)")
+    lr_min: float = option(0.001, "final SGD learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(3e-4, "SGD weight decay")
+    grad_clip: float | None = option(5.0, "gradient-norm clip of the weight step (unset: off)")
+    kernels: str = option("fused", "DFA ops: fused kernels or the pure-PyTorch reference", choices=KERNEL_CHOICES)
+    ts_margins: bool = option(False, "apply the teacher's OFD margins in the TS-path aggregation")
+
+    def validate(self, teacher_given: bool = False) -> None:
+        super().validate()
+        if not self.teacher and not teacher_given:
+            raise ConfigError("teacher is required: the checkpoint written by dfa train-teacher")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.order not in ORDERS:
+            raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.steps_per_group < 0 or not self.epochs_per_group > 0:
+            raise ConfigError("batch_size and epochs_per_group must be positive, steps_per_group >= 0")
+        if len(self.arch_betas) != 2 or not all(0 <= b < 1 for b in self.arch_betas):
+            raise ConfigError(f"arch_betas must be two numbers in [0, 1), got {list(self.arch_betas)}")
+        for name in ("gamma_st", "gamma_ts", "gamma_fd", "arch_lr", "arch_weight_decay", "lr", "lr_min",
+                     "momentum", "weight_decay", "beta_init_std"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -1,0 +1,251 @@
+"""Stage 1, group by group (paper Algorithm 1): alternate beta steps on search-val and weight
+steps on search-train; write the aggregation file, the alpha trajectory and its picture.
+
+Resuming is exact, mid-group included: the data position is a function of the step count, and
+the checkpoint holds weights, beta, both optimisers and the trajectory so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import models
+from ..config import config_dict
+from ..data import DataBundle
+from ..data.loader import batch_stream
+from ..data.split import split_train_val
+from ..errors import ConfigError
+from ..kernels_switch import dfa_ops
+from ..margins import group_margins
+from ..training.checkpoint import (atomic_write_text, check_same_run, load_checkpoint, model_from_checkpoint,
+                                   model_record, save_checkpoint)
+from ..training.distributed import current_context
+from ..training.interrupt import InterruptGuard, TrainingInterrupted, stop_requested
+from ..training.progress import progress_bar
+from ..training.run_options import autocast_for, resolve_device
+from ..training.schedule import LrSchedule
+from ..training.seeding import rng_state, seed_everything, set_deterministic, set_rng_state
+from .architect import Architect, Batch
+from .config import SearchConfig
+from .network import SearchNetwork, teacher_features
+from .plot import plot_alpha
+from .result import SearchResult, file_sha256, save_search_result
+
+TRAJECTORY_COLUMNS = ("step", "group", "layer", "name", "beta", "alpha")
+
+
+def load_teacher(path: str, spec) -> tuple[models.TappedNetwork, dict]:
+    """The frozen teacher of a checkpoint, checked against the dataset it will see."""
+    state = load_checkpoint(path, kind=("teacher", "distill"))
+    teacher = model_from_checkpoint(state)
+    record = {k: v for k, v in state["model"].items() if k != "state_dict"}
+    if (record["num_classes"], record["in_channels"]) != (spec.num_classes, spec.in_channels):
+        raise ConfigError(f"teacher {path} was trained for {record['num_classes']} classes and "
+                          f"{record['in_channels']} input channels; dataset {spec.name!r} has "
+                          f"{spec.num_classes} classes and {spec.in_channels} channels")
+    return _freeze(teacher), record
+
+
+def _freeze(teacher: nn.Module) -> nn.Module:
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = None,
+               data: DataBundle | None = None, on_step: Callable[[int], Any] | None = None) -> SearchResult:
+    """Runs stage 1 and returns (and writes to ``config.out``) the aggregation it found.
+
+    Files: ``search.json`` (input of stage 2), ``alpha_trajectory.csv`` (long format, one row
+    per step and layer of the group being searched), ``alpha.png``, ``config.json``, ``last.pt``.
+
+    Args:
+        teacher: a trained tapped network to use instead of ``config.teacher`` (Python API; e.g.
+            a ``HookedNetwork`` around your own model). It is frozen and put in eval mode.
+        data: a dataset bundle to use instead of ``config.data``.
+        on_step: called with the global step after each step (tests send interrupts with it).
+    """
+    config.validate(teacher_given=teacher is not None)
+    dist = current_context()
+    device = resolve_device(config.device)
+    set_deterministic(config.deterministic)
+    ops = dfa_ops(config.kernels)
+    out = Path(config.out)
+    data = data or config.load(config.seed)
+    spec = data.spec
+    if teacher is None:
+        teacher, teacher_record = load_teacher(config.teacher, spec)
+    else:
+        teacher_record = {"name": getattr(teacher, "model_name", type(teacher).__name__),
+                          "num_classes": spec.num_classes, "in_channels": spec.in_channels, "kwargs": {}}
+        teacher = _freeze(teacher)
+    seed_everything(config.seed)
+    student = models.create(config.student, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                            **config.student_options)
+    input_shape = (spec.in_channels, spec.image_size, spec.image_size)
+    pairs = models.pair_networks(teacher, student, input_shape)
+    groups = list(config.groups) or list(range(len(pairs)))
+    if any(not 0 <= g < len(pairs) for g in groups) or len(set(groups)) != len(groups):
+        raise ConfigError(f"groups must be distinct indices in 0..{len(pairs) - 1}, got {list(config.groups)}")
+    teacher_bns = [g.bns for g in teacher(torch.zeros(2, *input_shape), features=True).groups]
+    margins = [group_margins(bns) for bns in teacher_bns] if config.objective == "distill" or config.ts_margins else None
+    net = SearchNetwork(student, pairs, ops, objective=config.objective, gamma_st=config.gamma_st,
+                        gamma_ts=config.gamma_ts, gamma_fd=config.gamma_fd, margins=margins,
+                        ts_margins=config.ts_margins)
+    betas = nn.ParameterList(nn.Parameter(config.beta_init_std * torch.randn(p.num_layers)) for p in pairs)
+    memory_format = config.memory_format
+    teacher.to(device, memory_format=memory_format)
+    net.to(device, memory_format=memory_format)
+    betas.to(device)
+
+    autocast = autocast_for(config.amp, device)
+    search_train, search_val = split_train_val(data.train, config.val_fraction, config.seed)
+    if config.batch_size % dist.world_size:
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the number of processes {dist.world_size}")
+    per_rank = config.batch_size // dist.world_size
+    steps_per_epoch = max(len(search_train) // config.batch_size, 1)
+    steps_per_group = config.steps_per_group or max(1, math.ceil(config.epochs_per_group * steps_per_epoch))
+    total_steps = steps_per_group * len(groups)
+
+    weight_optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                                       weight_decay=config.weight_decay)
+    schedule = LrSchedule(config.lr - config.lr_min, total_steps, "cosine")  # + lr_min below
+    architect = Architect(net, betas, lr=config.arch_lr, adam_betas=config.arch_betas,
+                          weight_decay=config.arch_weight_decay, second_order=config.order == "second",
+                          autocast=autocast, dist=dist)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    ddp_net = _wrap_ddp(net, device, dist)
+
+    settings = config_dict(config)
+    signature = {"teacher": teacher_record["name"], "student": config.student, "data": config.data,
+                 "seed": config.seed, "batch_size": config.batch_size, "groups": groups,
+                 "steps_per_group": steps_per_group, "objective": config.objective, "order": config.order}
+    last_path = out / "last.pt"
+    step, trajectory, elapsed = 0, [], 0.0
+    if last_path.is_file():
+        if not config.resume:
+            raise ConfigError(f"{out} already holds a search (last.pt); resume it (drop --no-resume) "
+                              f"or choose another output folder")
+        state = load_checkpoint(last_path, kind="search")
+        check_same_run(state.get("signature", {}), signature, last_path)
+        net.load_state_dict(state["net"])
+        with torch.no_grad():
+            for beta, saved in zip(betas, state["betas"], strict=True):
+                beta.copy_(saved)
+        weight_optimizer.load_state_dict(state["weight_optimizer"])
+        architect.load_state_dict(state["architect"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        step, trajectory, elapsed = state["step"], state["trajectory"], state["seconds"]
+    elif dist.is_main:
+        atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
+
+    layer_names = [p.teacher_layer_names for p in pairs]
+
+    def checkpoint() -> None:
+        if dist.is_main:
+            save_checkpoint(last_path, {
+                "kind": "search", "signature": signature, "config": settings,
+                "net": net.state_dict(), "betas": [b.detach().cpu().clone() for b in betas],
+                "student": model_record(student, config.student, spec.num_classes, spec.in_channels,
+                                        config.student_options),
+                "weight_optimizer": weight_optimizer.state_dict(), "architect": architect.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
+                "trajectory": trajectory, "seconds": elapsed + time.perf_counter() - started})
+            _write_trajectory(out / "alpha_trajectory.csv", trajectory)
+        dist.barrier()
+
+    started, first_step = time.perf_counter(), step
+    streams = {name: batch_stream(dataset, per_rank, seed=config.seed + offset, start_step=step,
+                                  num_workers=config.num_workers, rank=dist.rank, world_size=dist.world_size,
+                                  pin_memory=device.type == "cuda")
+               for name, dataset, offset in (("train", search_train, 0), ("val", search_val, 1))}
+    bar = progress_bar(config.progress and dist.is_main and step < total_steps, total_steps, step)
+
+    def batch(stream) -> Batch:
+        images, labels = next(stream)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            features = teacher_features(teacher, images)
+        return Batch(images, labels, features)
+
+    with InterruptGuard() as guard:
+        while step < total_steps:
+            group = groups[step // steps_per_group]
+            for param_group in weight_optimizer.param_groups:  # cosine from lr to lr_min
+                param_group["lr"] = config.lr_min + schedule(step)
+            train, val = batch(streams["train"]), batch(streams["val"])
+            net.train()
+            architect.step(group, train, val, weight_optimizer)
+            with autocast:
+                _, losses = ddp_net(train.images, train.labels, train.teacher[group], betas[group].detach(),
+                                    group, True)
+            loss = sum(losses.values())
+            weight_optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(weight_optimizer)
+                nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+            scaler.step(weight_optimizer)
+            scaler.update()
+            step += 1
+            alpha = torch.softmax(betas[group].detach().double(), 0).cpu()
+            for j, (b, a) in enumerate(zip(betas[group].detach().double().cpu().tolist(), alpha.tolist())):
+                trajectory.append({"step": step, "group": group, "layer": j, "name": layer_names[group][j],
+                                   "beta": b, "alpha": a})
+            if bar is not None:
+                lead = int(alpha.argmax())
+                bar.set_description(f"group {groups.index(group) + 1}/{len(groups)}")
+                bar.set_postfix({k: f"{float(v):.3f}" for k, v in losses.items()}
+                                | {"lead": f"{layer_names[group][lead]} {alpha[lead]:.3f}"})
+                bar.update(1)
+            if on_step is not None:
+                on_step(step)
+            if stop_requested(guard, dist):
+                checkpoint()
+                raise TrainingInterrupted(str(last_path))
+            if step % steps_per_group == 0 or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint()
+    if bar is not None:
+        bar.close()
+    seconds = elapsed + (time.perf_counter() - started if step > first_step else 0.0)
+    teacher_info = {"model": teacher_record["name"], "num_classes": teacher_record["num_classes"],
+                    "in_channels": teacher_record["in_channels"], "kwargs": teacher_record["kwargs"],
+                    "checkpoint": str(config.teacher or ""),
+                    "sha256": file_sha256(config.teacher) if config.teacher else ""}
+    result = SearchResult.from_betas([b.detach().cpu() for b in betas], layer_names,
+                                     [i in groups for i in range(len(pairs))], teacher=teacher_info,
+                                     student=config.student, data=config.data, settings=settings,
+                                     seconds=seconds)
+    if dist.is_main:
+        save_search_result(out / "search.json", result)
+        plot_alpha(result, trajectory, out / "alpha.png")
+    return result
+
+
+def _write_trajectory(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=TRAJECTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _wrap_ddp(net: nn.Module, device: torch.device, dist) -> nn.Module:
+    if not dist.active:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Only one group's connectors take part in a step, hence find_unused_parameters.
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)

@@ -1,0 +1,62 @@
+"""Options every trainer shares (device, precision, seed, checkpoints) and what they resolve to."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..config import option
+from ..errors import ConfigError
+
+AMP_CHOICES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class RunOptions:
+    """How a trainer runs, whatever it trains."""
+
+    seed: int = option(0, "seed of initialisation, data order and augmentation")
+    deterministic: bool = option(False, "deterministic kernels only (slower on GPUs)")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    amp: str = option("none", "mixed precision: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)", choices=AMP_CHOICES)
+    channels_last: bool = option(True, "NHWC layout for images and conv weights (faster convolutions)")
+    num_workers: int = option(0, "data-loading worker processes")
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: only at epoch or group ends)")
+    resume: bool = option(True, "resume from OUT/last.pt when it exists")
+    progress: bool = option(True, "show a progress bar")
+    tensorboard: bool | None = option(None, "TensorBoard logs in OUT/tensorboard (default: when installed)")
+
+    def validate(self) -> None:
+        if self.amp not in AMP_CHOICES:
+            raise ConfigError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.num_workers < 0 or self.checkpoint_every < 0:
+            raise ConfigError("num_workers and checkpoint_every must be >= 0")
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device an option names ("auto": the GPU when one is visible)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is visible")
+    return device
+
+
+def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of an ``amp`` choice (a no-op for "none")."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp fp16 needs a CUDA device; use bf16 on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
