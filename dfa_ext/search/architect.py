@@ -6,21 +6,20 @@ L_val(w', beta) with w' = w - xi * (the weight optimiser's next step direction),
     dL_val(w')/dbeta - xi * [grad_beta L_train(w + eps v) - grad_beta L_train(w - eps v)] / (2 eps)
 
 with v = grad_w' L_val(w') and eps = 0.01 / |v| (central finite differences for the mixed
-Hessian-vector product). Every evaluation here is functional (``torch.func.functional_call``
-on detached copies of the weights and BN buffers): the model's weights, BN running statistics
-and gradients are left exactly as they were, and no DistributedDataParallel hook runs, so under
-several processes only the beta gradient itself is averaged.
+Hessian-vector product). Every evaluation runs the bare network (never a DDP wrapper, so no
+gradient synchronisation hook fires; under several processes only the beta gradient is
+averaged) with ``torch.autograd.grad`` (the weights' ``.grad`` stay untouched), and restores
+the weights and BN running statistics afterwards, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..training.distributed import DistContext, current_context
 from .network import SearchNetwork
@@ -42,31 +41,51 @@ class Architect:
         net: the weights w (not a DDP wrapper: the architect never needs gradient hooks).
         betas: beta_i of every group, [K_i] each.
         second_order: use the unrolled gradient.
+        fd_radius: the finite-difference step is eps = fd_radius / |v| (DARTS: 0.01).
     """
 
     def __init__(self, net: SearchNetwork, betas: nn.ParameterList, *, lr: float = 3e-4,
                  adam_betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-3,
-                 second_order: bool = False, autocast: contextlib.AbstractContextManager | None = None,
+                 second_order: bool = False, fd_radius: float = 0.01, autocast: contextlib.AbstractContextManager | None = None,
                  dist: DistContext | None = None) -> None:
-        self.net, self.betas, self.second_order = net, betas, second_order
+        self.net, self.betas, self.second_order, self.fd_radius = net, betas, second_order, fd_radius
         # One optimiser per group: Adam's weight decay must not move the groups not being searched.
         self.optimizers = [torch.optim.Adam([beta], lr=lr, betas=tuple(adam_betas), weight_decay=weight_decay)
                            for beta in betas]
         self.autocast = autocast or contextlib.nullcontext()
         self.dist = dist or current_context()
 
-    # -- evaluation at arbitrary weights --------------------------------------------------------
+    # -- evaluation at other weights --------------------------------------------------------------
 
-    def weights(self) -> dict[str, Tensor]:
-        return dict(self.net.named_parameters())
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
 
-    def _loss(self, weights: dict[str, Tensor], batch: Batch, group: int, beta: Tensor, *,
-              train: bool) -> Tensor:
-        """L_train (``train``: with the student's CE) or L_val of ``group`` at ``weights``."""
-        buffers = {name: b.detach().clone() for name, b in self.net.named_buffers()}  # BN stats untouched
+    @contextlib.contextmanager
+    def _weights_at(self, values: Sequence[Tensor] | None = None) -> Iterator[None]:
+        """Evaluates the network at ``values`` (default: its own weights), restoring the weights
+        and the BN running statistics afterwards. Values are copied in place (no module surgery,
+        so networks with shared or aliased submodules behave)."""
+        params = self.parameters()
+        saved_params = [p.detach().clone() for p in params] if values is not None else None
+        saved_buffers = [b.detach().clone() for b in self.net.buffers()]
+        try:
+            if values is not None:
+                with torch.no_grad():
+                    for p, v in zip(params, values, strict=True):
+                        p.copy_(v)
+            yield
+        finally:
+            with torch.no_grad():
+                if saved_params is not None:
+                    for p, v in zip(params, saved_params):
+                        p.copy_(v)
+                for b, v in zip(self.net.buffers(), saved_buffers):
+                    b.copy_(v)
+
+    def _loss(self, batch: Batch, group: int, beta: Tensor, *, train: bool) -> Tensor:
+        """L_train (``train``: with the student's CE) or L_val of ``group`` at the current weights."""
         with self.autocast:
-            _, losses = functional_call(self.net, {**weights, **buffers},
-                                        (batch.images, batch.labels, batch.teacher[group], beta, group, train))
+            _, losses = self.net(batch.images, batch.labels, batch.teacher[group], beta, group, train)
         return sum(losses.values())
 
     def _grad(self, loss: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -77,30 +96,36 @@ class Architect:
 
     def gradient(self, group: int, train: Batch, val: Batch,
                  weight_optimizer: torch.optim.SGD | None = None) -> Tensor:
-        """d L_val / d beta_group (first or second order) at the current weights, [K]."""
+        """d L_val / d beta_group (first or second order) at the current weights, [K].
+
+        Leaves the weights, their gradients and the BN statistics as they were.
+        """
         beta = self.betas[group]
-        weights = self.weights()
+        params = self.parameters()
         if not self.second_order:
-            return self._grad(self._loss(weights, val, group, beta, train=False), [beta])[0]
+            with self._weights_at():
+                return self._grad(self._loss(val, group, beta, train=False), [beta])[0]
         if weight_optimizer is None:
             raise ValueError("the second-order step needs the weight optimizer (its lr, momentum and decay)")
         xi = weight_optimizer.param_groups[0]["lr"]
-        names = list(weights)
-        params = [weights[n].detach() for n in names]
-        g_train = self._grad(self._loss(weights, train, group, beta.detach(), train=True),
-                             [weights[n] for n in names])
-        steps = sgd_step_direction(weight_optimizer, [weights[n] for n in names], g_train)
-        unrolled = [(p - xi * d).requires_grad_() for p, d in zip(params, steps)]
-        loss_val = self._loss(dict(zip(names, unrolled)), val, group, beta, train=False)
-        grads = self._grad(loss_val, [beta, *unrolled])
+        w = [p.detach().clone() for p in params]
+        with self._weights_at():
+            g_train = self._grad(self._loss(train, group, beta.detach(), train=True), params)
+        unrolled = [p - xi * d for p, d in zip(w, sgd_step_direction(weight_optimizer, params, g_train))]
+        with self._weights_at(unrolled):
+            grads = self._grad(self._loss(val, group, beta, train=False), [beta, *params])
         d_beta, v = grads[0], grads[1:]
-        eps = 0.01 / torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
+        eps = self.fd_radius / torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
         shifted = []
         for sign in (1.0, -1.0):
-            at = {n: p + sign * eps * vi for n, p, vi in zip(names, params, v)}
-            shifted.append(self._grad(self._loss(at, train, group, beta, train=True), [beta])[0])
+            with self._weights_at([p + sign * eps * vi for p, vi in zip(w, v)]):
+                shifted.append(self._grad(self._loss(train, group, beta, train=True), [beta])[0])
         hessian_vector = (shifted[0] - shifted[1]) / (2 * eps)
-        return d_beta - xi * hessian_vector
+        # dw'/dbeta = -xi * (d direction / d gradient) * d2L_train/dw dbeta; the first factor is 1
+        # for plain momentum SGD and 1 + mu with Nesterov (the gradient enters its step twice).
+        group_settings = weight_optimizer.param_groups[0]
+        slope = 1.0 + group_settings["momentum"] if group_settings["nesterov"] else 1.0
+        return d_beta - xi * slope * hessian_vector
 
     def step(self, group: int, train: Batch, val: Batch, weight_optimizer: torch.optim.SGD | None = None) -> Tensor:
         """One Adam step of beta_group; returns the (process-averaged) gradient used."""

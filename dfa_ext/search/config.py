@@ -30,6 +30,7 @@ class SearchConfig(RunOptions, DataOptions):
     gamma_ts: float = option(1.0, "weight of the teacher-to-student bridge path L_TS")
     gamma_fd: float = option(1e-3, "weight of the partial-L2 loss of the distill objective (per-sample sum)")
     order: str = option("first", "first-order beta gradient, or second-order (DARTS unrolled)", choices=ORDERS)
+    fd_radius: float = option(0.01, "second order: finite-difference step eps = fd_radius / |v| (DARTS: 0.01)")
     groups: tuple[int, ...] = option((), "groups to search, 0-based, in this order (default: all)")
     epochs_per_group: float = option(1.0, "search steps per group, in epochs of the search-train split")
     steps_per_group: int = option(0, "search steps per group (overrides epochs_per_group when > 0)")
@@ -62,6 +63,6 @@ class SearchConfig(RunOptions, DataOptions):
         if len(self.arch_betas) != 2 or not all(0 <= b < 1 for b in self.arch_betas):
             raise ConfigError(f"arch_betas must be two numbers in [0, 1), got {list(self.arch_betas)}")
         for name in ("gamma_st", "gamma_ts", "gamma_fd", "arch_lr", "arch_weight_decay", "lr", "lr_min",
-                     "momentum", "weight_decay", "beta_init_std"):
+                     "momentum", "weight_decay", "beta_init_std", "fd_radius"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -9,13 +9,14 @@ teacher features and beta, so the architecture step can evaluate it at other wei
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses import cross_entropy
+
+from ..kernels_switch import dfa_ops
 from ..models import GroupPair, TappedNetwork
 
 
@@ -25,13 +26,13 @@ class SearchNetwork(nn.Module):
     Args:
         student: a tapped network (fresh or warm-started).
         pairs: the teacher/student group pairing (``dfa_ext.models.pair_networks``).
-        ops: ``dfa_ext.ops`` (fused) or ``dfa_ext.reference``.
+        kernels: "fused" (``dfa_ext.ops``) or "reference" (``dfa_ext.reference``).
         objective: "bridge", "st", "ts" or "distill" (see :class:`~dfa_ext.search.config.SearchConfig`).
         margins: per group, the teacher's [K, C] OFD margins (used by "distill", and by the TS path
             when ``ts_margins``).
     """
 
-    def __init__(self, student: TappedNetwork, pairs: Sequence[GroupPair], ops: ModuleType, *,
+    def __init__(self, student: TappedNetwork, pairs: Sequence[GroupPair], *, kernels: str = "fused",
                  objective: str = "bridge", gamma_st: float = 1.0, gamma_ts: float = 1.0,
                  gamma_fd: float = 1e-3, margins: Sequence[Tensor] | None = None,
                  ts_margins: bool = False) -> None:
@@ -42,7 +43,8 @@ class SearchNetwork(nn.Module):
                                            for pair in pairs)
         for i, m in enumerate(margins or ()):
             self.register_buffer(f"margins_{i}", m.detach().clone(), persistent=False)
-        self.ops, self.objective, self.ts_margins = ops, objective, ts_margins
+        self.kernels, self.objective, self.ts_margins = kernels, objective, ts_margins
+        dfa_ops(kernels)  # an unknown name fails here, not at the first step
         self.gamma_st, self.gamma_ts, self.gamma_fd = gamma_st, gamma_ts, gamma_fd
 
     def margins(self, group: int) -> Tensor:
@@ -61,23 +63,24 @@ class SearchNetwork(nn.Module):
         Returns:
             the student's logits [B, classes] and the named scalar losses (their sum is the loss).
         """
+        ops = dfa_ops(self.kernels)
         out = self.student(images, features=True)
         losses: dict[str, Tensor] = {}
         if with_ce:
-            losses["ce"] = F.cross_entropy(out.logits.float(), labels)
+            losses["ce"] = cross_entropy(out.logits, labels)
         student_feature = out.groups[group].last
         if self.objective in ("bridge", "st"):
             mapped = self.st_connectors[group](student_feature)
-            losses["st"] = self.gamma_st * self.ops.bridge_st_loss(mapped, teacher_layers, beta).mean()
+            losses["st"] = self.gamma_st * ops.bridge_st_loss(mapped, teacher_layers, beta).mean()
         if self.objective in ("bridge", "ts"):
             margins = self.margins(group) if self.ts_margins else None
-            aggregation = self.ops.aggregate(teacher_layers, beta, margins)
+            aggregation = ops.aggregate(teacher_layers, beta, margins)
             h = self.ts_connectors[group](aggregation)
             logits = self.student.forward_from(group + 1, h)
-            losses["ts"] = self.gamma_ts * F.cross_entropy(logits.float(), labels)
+            losses["ts"] = self.gamma_ts * cross_entropy(logits, labels)
         if self.objective == "distill":
             mapped = self.st_connectors[group](student_feature)
-            fd = self.ops.partial_l2(mapped, teacher_layers, beta, self.margins(group))
+            fd = ops.partial_l2(mapped, teacher_layers, beta, self.margins(group))
             losses["fd"] = self.gamma_fd * fd.mean()
         return out.logits, losses
 

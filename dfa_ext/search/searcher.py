@@ -24,7 +24,6 @@ from ..data import DataBundle
 from ..data.loader import batch_stream
 from ..data.split import split_train_val
 from ..errors import ConfigError
-from ..kernels_switch import dfa_ops
 from ..margins import group_margins
 from ..training.checkpoint import (atomic_write_text, check_same_run, load_checkpoint, model_from_checkpoint,
                                    model_record, save_checkpoint)
@@ -37,11 +36,8 @@ from ..training.seeding import rng_state, seed_everything, set_deterministic, se
 from .architect import Architect, Batch
 from .config import SearchConfig
 from .network import SearchNetwork, teacher_features
-from .plot import plot_alpha
+from .plot import TRAJECTORY_COLUMNS, plot_alpha
 from .result import SearchResult, file_sha256, save_search_result
-
-TRAJECTORY_COLUMNS = ("step", "group", "layer", "name", "beta", "alpha")
-
 
 def load_teacher(path: str, spec) -> tuple[models.TappedNetwork, dict]:
     """The frozen teacher of a checkpoint, checked against the dataset it will see."""
@@ -78,7 +74,6 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     dist = current_context()
     device = resolve_device(config.device)
     set_deterministic(config.deterministic)
-    ops = dfa_ops(config.kernels)
     out = Path(config.out)
     data = data or config.load(config.seed)
     spec = data.spec
@@ -98,7 +93,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
         raise ConfigError(f"groups must be distinct indices in 0..{len(pairs) - 1}, got {list(config.groups)}")
     teacher_bns = [g.bns for g in teacher(torch.zeros(2, *input_shape), features=True).groups]
     margins = [group_margins(bns) for bns in teacher_bns] if config.objective == "distill" or config.ts_margins else None
-    net = SearchNetwork(student, pairs, ops, objective=config.objective, gamma_st=config.gamma_st,
+    net = SearchNetwork(student, pairs, kernels=config.kernels, objective=config.objective, gamma_st=config.gamma_st,
                         gamma_ts=config.gamma_ts, gamma_fd=config.gamma_fd, margins=margins,
                         ts_margins=config.ts_margins)
     betas = nn.ParameterList(nn.Parameter(config.beta_init_std * torch.randn(p.num_layers)) for p in pairs)
@@ -121,7 +116,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     schedule = LrSchedule(config.lr - config.lr_min, total_steps, "cosine")  # + lr_min below
     architect = Architect(net, betas, lr=config.arch_lr, adam_betas=config.arch_betas,
                           weight_decay=config.arch_weight_decay, second_order=config.order == "second",
-                          autocast=autocast, dist=dist)
+                          fd_radius=config.fd_radius, autocast=autocast, dist=dist)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     ddp_net = _wrap_ddp(net, device, dist)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..losses import cross_entropy
 
 from .. import models
 from ..config import config_dict, option
@@ -46,7 +47,7 @@ class ClassifierTask(TrainingTask):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.classifier(images)
-        return logits, {"ce": F.cross_entropy(logits.float(), labels)}
+        return logits, {"ce": cross_entropy(logits, labels)}
 
     def export_state(self) -> dict:
         return {"model": model_record(self.classifier, **self._record)}
