@@ -14,7 +14,7 @@ import sys
 import typing
 from typing import Any, Callable, Sequence
 
-from .errors import ConfigError, DfaError
+from .errors import DfaError
 
 
 def _parse_key_value(text: str) -> tuple[str, Any]:
@@ -53,12 +53,14 @@ def config_from_args(cls: type, namespace: argparse.Namespace) -> Any:
     """Defaults, then the ``--config`` file, then the command line."""
     from .config import make_config, read_config_file
 
-    cli = {k: v for k, v in vars(namespace).items() if k not in ("command", "config", "handler")}
-    for key, value in list(cli.items()):
-        if isinstance(value, list) and value and isinstance(value[0], tuple):  # KEY=VALUE pairs
+    fields = {f.name for f in dataclasses.fields(cls)}
+    cli = {k: v for k, v in vars(namespace).items() if k in fields}
+    hints = typing.get_type_hints(cls)
+    for key, value in cli.items():
+        if hints[key] is dict:  # repeated KEY=VALUE pairs
             cli[key] = dict(value)
-        elif isinstance(value, list):
-            cli[key] = tuple(value) if value and not isinstance(value[0], tuple) else {}
+        elif isinstance(value, list):  # nargs="+" tuples
+            cli[key] = tuple(value)
     file_values = read_config_file(namespace.config) if getattr(namespace, "config", None) else {}
     return make_config(cls, file_values, cli)
 

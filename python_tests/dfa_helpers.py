@@ -211,3 +211,16 @@ def away_from_kinks(inp: Inputs, name: str, delta: float = 1e-3) -> bool:
             if t.abs().min() < delta or (inp.student - t).abs().min() < delta:
                 return False
     return True
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0, weight_spread: float = 1.5) -> None:
+    """Non-trivial BN affine parameters and running stats, so BN mistakes change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) * weight_spread + 0.25)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)

@@ -11,21 +11,9 @@ from torchvision.models.resnet import Bottleneck
 
 from dfa_ext.errors import ModelError
 from dfa_ext.models import HookedNetwork, TapOutput, create
-
+from dfa_helpers import randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.25)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
 def _image(shape=(3, 32, 32), batch=2, seed=0) -> torch.Tensor:
@@ -56,14 +44,14 @@ def _block_inputs(net: HookedNetwork) -> dict:
 @pytest.fixture(scope="module")
 def resnet18() -> HookedNetwork:
     net = create("torchvision:resnet18", num_classes=6, small_input=True).eval()
-    _randomize_bn(net)
+    randomize_bn(net, weight_spread=1.0)
     return net
 
 
 @pytest.fixture(scope="module")
 def resnet50() -> HookedNetwork:
     net = create("torchvision:resnet50", num_classes=6).eval()
-    _randomize_bn(net)
+    randomize_bn(net, weight_spread=1.0)
     return net
 
 

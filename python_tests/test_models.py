@@ -16,22 +16,9 @@ from torch import nn
 
 from dfa_ext.errors import ModelError
 from dfa_ext.models import CifarResNet, TapOutput, WideResNet, available_models, create
-
+from dfa_helpers import randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN affine parameters and running stats, so BN mistakes change the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
 def _image(shape=(3, 16, 16), batch=2, seed=0) -> torch.Tensor:
@@ -170,7 +157,7 @@ def _reference_wrn(model: WideResNet, x):
 @pytest.mark.parametrize("name", ["resnet8", "resnet14", "resnet8x4", "wrn_16_1", "wrn_16_2"])
 def test_features_match_an_independent_reference(name):
     model = create(name).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = _image()
     reference = _reference_resnet if isinstance(model, CifarResNet) else _reference_wrn
     with torch.no_grad():
@@ -187,7 +174,7 @@ def test_features_match_an_independent_reference(name):
 @pytest.mark.parametrize("train", [False, True])
 def test_features_are_pre_relu_and_never_modified(name, train):
     model = create(name).train(train)
-    _randomize_bn(model)
+    randomize_bn(model)
     clones = {}
     for g, blocks in enumerate(model.groups):
         for j, block in enumerate(blocks):  # the block's own output, cloned as it is produced
@@ -205,7 +192,7 @@ def test_features_are_pre_relu_and_never_modified(name, train):
 @pytest.mark.parametrize("name", ["resnet14", "resnet8x4"])
 def test_resnet_bns_are_bn2_and_produce_the_feature(name):
     model = create(name).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     seen = {}
     for blocks in model.groups:
         for b in blocks:
@@ -224,7 +211,7 @@ def test_resnet_bns_are_bn2_and_produce_the_feature(name):
 @pytest.mark.parametrize("name", ["wrn_16_1", "wrn_28_2"])
 def test_wrn_bns_applied_to_the_raw_block_output_reproduce_the_feature(name):
     model = create(name).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     raw = {}
     for blocks in model.groups:
         for b in blocks:
@@ -246,7 +233,7 @@ def test_wrn_bns_applied_to_the_raw_block_output_reproduce_the_feature(name):
 @pytest.mark.parametrize("train", [False, True])
 def test_forward_from_equals_the_plain_forward(name, train):
     model = create(name, num_classes=6).train(train)
-    _randomize_bn(model)
+    randomize_bn(model)
     x = _image()
     with torch.no_grad():
         plain = model(x)

@@ -150,10 +150,12 @@ def test_command_trains_with_a_config_file_and_command_line_overrides(tmp_path, 
     config_file.write_text("model: resnet8\ndata: digits\nepochs: 5\nbatch_size: 128\nlr: 0.05\n")
     out = tmp_path / "cli"
     code = dfa_main(["train-teacher", "--config", str(config_file), "--epochs", "1", "--out", str(out),
-                     "--no-progress", "--no-tensorboard", "--milestones", "0.3", "0.6", "--schedule", "step"])
+                     "--no-progress", "--no-tensorboard", "--milestones", "0.3", "0.6", "--schedule", "step",
+                     "--data-options", "test_fraction=0.25", "split_seed=3"])
     assert code == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["epochs"] == 1 and saved["batch_size"] == 128 and saved["milestones"] == [0.3, 0.6]
+    assert saved["data_options"] == {"test_fraction": 0.25, "split_seed": 3}
     assert "best test top-1" in capsys.readouterr().out
 
 

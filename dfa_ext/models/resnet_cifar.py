@@ -35,7 +35,10 @@ class BasicBlock(TappedBlock):
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride),
                                             nn.BatchNorm2d(out_channels))
-        self.tap_bn = self.bn2
+
+    @property
+    def tap_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
 
     def forward(self, a: Tensor, raw: Optional[Tensor]) -> Tuple[Tensor, None]:
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(a)))))

@@ -16,9 +16,15 @@ from .taps import GroupFeatures, TapOutput, TappedNetwork
 
 
 class TappedBlock(nn.Module):
-    """A block of a :class:`StagedNetwork`; ``tap_bn`` is the BN whose output ``p`` is."""
+    """A block of a :class:`StagedNetwork`; ``tap_bn`` is the BN whose output ``p`` is.
 
-    tap_bn: nn.Module
+    Subclasses expose ``tap_bn`` as a property, not an attribute: registering the same BN under
+    a second name would duplicate its entries in ``state_dict`` (and confuse module surgery).
+    """
+
+    @property
+    def tap_bn(self) -> nn.Module:
+        raise NotImplementedError
 
     def forward(self, a: Tensor, raw: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """a: [B, C_in, H, W] (activated), raw: [B, C_in, H, W] or None -> (p, raw_out),

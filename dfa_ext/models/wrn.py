@@ -39,7 +39,10 @@ class PreActBlock(TappedBlock):
         if stride != 1 or in_channels != out_channels:
             self.shortcut = conv1x1(in_channels, out_channels, stride)
         self.out_bn = nn.BatchNorm2d(out_channels)
-        self.tap_bn = self.out_bn
+
+    @property
+    def tap_bn(self) -> nn.BatchNorm2d:
+        return self.out_bn
 
     def forward(self, a: Tensor, raw: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         out = self.conv2(self.dropout(self.relu(self.bn2(self.conv1(a)))))

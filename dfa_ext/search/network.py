@@ -14,9 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..losses import cross_entropy
-
 from ..kernels_switch import dfa_ops
+from ..losses import cross_entropy
 from ..models import GroupPair, TappedNetwork
 
 

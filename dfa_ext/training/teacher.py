@@ -10,10 +10,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..losses import cross_entropy
-
 from .. import models
 from ..config import config_dict, option
+from ..losses import cross_entropy
 from ..data.options import DataOptions
 from .checkpoint import atomic_write_text, model_record
 from .distributed import current_context
