@@ -152,12 +152,13 @@ def alphas(result):
 
 
 def test_search_writes_the_aggregation_trajectory_and_picture(tmp_path, teacher_checkpoint):
-    config = search_config(tmp_path, teacher_checkpoint, groups=(2, 0))
+    config = search_config(tmp_path, teacher_checkpoint, groups=(2, 0), tensorboard=True)
     result = run_search(config)
     out = tmp_path / "search"
     assert {p.name for p in out.iterdir()} >= {"search.json", "alpha.png", "alpha_trajectory.csv",
                                               "config.json", "last.pt"}
     assert (out / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     teacher = models.create("resnet14", num_classes=10, in_channels=1)
     loaded = load_search_result(out / "search.json", teacher=teacher, input_shape=(1, 8, 8))
     assert loaded == result
@@ -312,3 +313,11 @@ def test_plain_distillation_objective_is_weaker_than_the_bridge_loss(tmp_path, b
     teachers; on this toy it only lags)."""
     constant, signal, noise = _planted_alpha(tmp_path, "distill")
     assert signal < bridge_alpha[1] - 0.15
+
+
+def test_bf16_autocast_search_follows_the_float32_search(tmp_path, teacher_checkpoint):
+    full = run_search(search_config(tmp_path, teacher_checkpoint, "f32", steps_per_group=2))
+    half = run_search(search_config(tmp_path, teacher_checkpoint, "bf16", steps_per_group=2, amp="bf16"))
+    for a, b in zip(alphas(full), alphas(half)):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02)

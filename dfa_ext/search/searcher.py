@@ -174,6 +174,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
             features = teacher_features(teacher, images)
         return Batch(images, labels, features)
 
+    writer = _tensorboard(out, config.tensorboard, step) if dist.is_main else None
     with InterruptGuard() as guard:
         while step < total_steps:
             group = groups[step // steps_per_group]
@@ -198,10 +199,15 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
             for j, (b, a) in enumerate(zip(betas[group].detach().double().cpu().tolist(), alpha.tolist())):
                 trajectory.append({"step": step, "group": group, "layer": j, "name": layer_names[group][j],
                                    "beta": b, "alpha": a})
+            if writer is not None:
+                for name, value in losses.items():
+                    writer.add_scalar(f"loss/{name}", float(value.detach()), step)
+                for j, a in enumerate(alpha.tolist()):
+                    writer.add_scalar(f"alpha/group{group}/{layer_names[group][j]}", a, step)
             if bar is not None:
                 lead = int(alpha.argmax())
                 bar.set_description(f"group {groups.index(group) + 1}/{len(groups)}")
-                bar.set_postfix({k: f"{float(v):.3f}" for k, v in losses.items()}
+                bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in losses.items()}
                                 | {"lead": f"{layer_names[group][lead]} {alpha[lead]:.3f}"})
                 bar.update(1)
             if on_step is not None:
@@ -213,6 +219,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                 checkpoint()
     if bar is not None:
         bar.close()
+    if writer is not None:
+        writer.close()
     seconds = elapsed + (time.perf_counter() - started if step > first_step else 0.0)
     teacher_info = {"model": teacher_record["name"], "num_classes": teacher_record["num_classes"],
                     "in_channels": teacher_record["in_channels"], "kwargs": teacher_record["kwargs"],
@@ -234,6 +242,19 @@ def _write_trajectory(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+def _tensorboard(out: Path, wanted: bool | None, step: int):
+    """Per-step losses and alpha for TensorBoard (``wanted`` None: when installed)."""
+    if wanted is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if wanted:
+            raise
+        return None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step)
 
 
 def _wrap_ddp(net: nn.Module, device: torch.device, dist) -> nn.Module:
