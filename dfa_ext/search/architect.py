@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ class Batch:
 
     images: Tensor
     labels: Tensor
-    teacher: list[list[Tensor]]  # per group, K maps [B, C_t, h, w]
+    teacher: Mapping[int, list[Tensor]] | Sequence[list[Tensor]]  # by group index: its K maps [B, C_t, h, w]
 
 
 class Architect:

@@ -7,8 +7,6 @@ the checkpoint holds weights, beta, both optimisers and the trajectory so far.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -29,6 +27,7 @@ from ..training.checkpoint import (atomic_write_text, check_same_run, load_check
                                    model_record, save_checkpoint)
 from ..training.distributed import current_context
 from ..training.interrupt import InterruptGuard, TrainingInterrupted, stop_requested
+from ..training.optim_step import optimizer_step
 from ..training.progress import progress_bar
 from ..training.run_options import autocast_for, resolve_device
 from ..training.schedule import LrSchedule
@@ -36,8 +35,12 @@ from ..training.seeding import rng_state, seed_everything, set_deterministic, se
 from .architect import Architect, Batch
 from .config import SearchConfig
 from .network import SearchNetwork, teacher_features
-from .plot import TRAJECTORY_COLUMNS, plot_alpha
+from .plot import plot_alpha
 from .result import SearchResult, file_sha256, save_search_result
+from .trajectory import AlphaTrajectory
+
+REPORT_EVERY = 10  # steps between progress-bar / TensorBoard readouts
+
 
 def load_teacher(path: str, spec) -> tuple[models.TappedNetwork, dict]:
     """The frozen teacher of a checkpoint, checked against the dataset it will see."""
@@ -125,7 +128,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                  "seed": config.seed, "batch_size": config.batch_size, "groups": groups,
                  "steps_per_group": steps_per_group, "objective": config.objective, "order": config.order}
     last_path = out / "last.pt"
-    step, trajectory, elapsed = 0, [], 0.0
+    layer_names = [p.teacher_layer_names for p in pairs]
+    step, trajectory, elapsed = 0, AlphaTrajectory(layer_names), 0.0
     if last_path.is_file():
         if not config.resume:
             raise ConfigError(f"{out} already holds a search (last.pt); resume it (drop --no-resume) "
@@ -140,13 +144,12 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
         architect.load_state_dict(state["architect"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        step, trajectory, elapsed = state["step"], state["trajectory"], state["seconds"]
+        step, trajectory, elapsed = state["step"], AlphaTrajectory(layer_names, state["trajectory"]), state["seconds"]
     elif dist.is_main:
         atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
 
-    layer_names = [p.teacher_layer_names for p in pairs]
-
     def checkpoint() -> None:
+        trajectory.flush()
         if dist.is_main:
             save_checkpoint(last_path, {
                 "kind": "search", "signature": signature, "config": settings,
@@ -155,8 +158,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                                         config.student_options),
                 "weight_optimizer": weight_optimizer.state_dict(), "architect": architect.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
-                "trajectory": trajectory, "seconds": elapsed + time.perf_counter() - started})
-            _write_trajectory(out / "alpha_trajectory.csv", trajectory)
+                "trajectory": trajectory.rows, "seconds": elapsed + time.perf_counter() - started})
+            trajectory.write_csv(out / "alpha_trajectory.csv")
         dist.barrier()
 
     started, first_step = time.perf_counter(), step
@@ -166,50 +169,48 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                for name, dataset, offset in (("train", search_train, 0), ("val", search_val, 1))}
     bar = progress_bar(config.progress and dist.is_main and step < total_steps, total_steps, step)
 
-    def batch(stream) -> Batch:
+    def batch(stream, group: int) -> Batch:
         images, labels = next(stream)
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast:
             features = teacher_features(teacher, images)
-        return Batch(images, labels, features)
+        return Batch(images, labels, {group: features[group]})  # the other groups' maps are freed now
 
     writer = _tensorboard(out, config.tensorboard, step) if dist.is_main else None
+
+    def report(step: int, losses: dict[str, torch.Tensor]) -> None:
+        """Moves the recorded betas to the trajectory; shows and logs the latest values."""
+        rows = trajectory.flush()
+        if writer is not None:
+            for name, value in losses.items():
+                writer.add_scalar(f"loss/{name}", float(value.detach()), step)
+            for row in rows:
+                writer.add_scalar(f"alpha/group{row['group']}/{row['name']}", row["alpha"], row["step"])
+        if bar is not None and rows:
+            last = [r for r in rows if r["step"] == step]
+            lead = max(last, key=lambda r: r["alpha"])
+            bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in losses.items()}
+                            | {"lead": f"{lead['name']} {lead['alpha']:.3f}"})
     with InterruptGuard() as guard:
         while step < total_steps:
             group = groups[step // steps_per_group]
             for param_group in weight_optimizer.param_groups:  # cosine from lr to lr_min
                 param_group["lr"] = config.lr_min + schedule(step)
-            train, val = batch(streams["train"]), batch(streams["val"])
+            train, val = batch(streams["train"], group), batch(streams["val"], group)
             net.train()
             architect.step(group, train, val, weight_optimizer)
             with autocast:
                 _, losses = ddp_net(train.images, train.labels, train.teacher[group], betas[group].detach(),
                                     group, True)
-            loss = sum(losses.values())
-            weight_optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(weight_optimizer)
-                nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-            scaler.step(weight_optimizer)
-            scaler.update()
+            optimizer_step(sum(losses.values()), weight_optimizer, scaler, net.parameters(), config.grad_clip)
             step += 1
-            alpha = torch.softmax(betas[group].detach().double(), 0).cpu()
-            for j, (b, a) in enumerate(zip(betas[group].detach().double().cpu().tolist(), alpha.tolist())):
-                trajectory.append({"step": step, "group": group, "layer": j, "name": layer_names[group][j],
-                                   "beta": b, "alpha": a})
-            if writer is not None:
-                for name, value in losses.items():
-                    writer.add_scalar(f"loss/{name}", float(value.detach()), step)
-                for j, a in enumerate(alpha.tolist()):
-                    writer.add_scalar(f"alpha/group{group}/{layer_names[group][j]}", a, step)
+            trajectory.record(step, group, betas[group])
             if bar is not None:
-                lead = int(alpha.argmax())
                 bar.set_description(f"group {groups.index(group) + 1}/{len(groups)}")
-                bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in losses.items()}
-                                | {"lead": f"{layer_names[group][lead]} {alpha[lead]:.3f}"})
                 bar.update(1)
+            if step % REPORT_EVERY == 0 or step % steps_per_group == 0:  # reading values syncs a GPU
+                report(step, losses)
             if on_step is not None:
                 on_step(step)
             if stop_requested(guard, dist):
@@ -232,16 +233,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                                      seconds=seconds)
     if dist.is_main:
         save_search_result(out / "search.json", result)
-        plot_alpha(result, trajectory, out / "alpha.png")
+        plot_alpha(result, trajectory.rows, out / "alpha.png")
     return result
-
-
-def _write_trajectory(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=TRAJECTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def _tensorboard(out: Path, wanted: bool | None, step: int):

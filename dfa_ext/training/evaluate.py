@@ -10,14 +10,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.loader import make_loader
+from ..losses import at_least_float32
 from .distributed import DistContext, current_context
 
 
-def correct_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    """How many of the B samples have their label among the k largest logits."""
+def correct_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """How many of the B samples have their label among the k largest logits (a 0-dim tensor on
+    the logits' device: no host synchronisation)."""
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices
-    return int((top == labels[:, None]).any(dim=1).sum())
+    return (top == labels[:, None]).any(dim=1).sum()
 
 
 @torch.no_grad()
@@ -37,7 +39,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
     dist = dist or current_context()
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count; read once at the end
     loader = make_loader(dataset, batch_size, train=False, rank=dist.rank, world_size=dist.world_size)
     try:
         for images, labels in loader:
@@ -45,10 +47,10 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
             labels = labels.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
                 logits = model(images)
-            logits = logits.float()
-            sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
-                                  correct_at_k(logits, labels, 1), correct_at_k(logits, labels, 5),
-                                  labels.numel()], dtype=torch.float64)
+            logits = at_least_float32(logits)
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                 correct_at_k(logits, labels, 1).double(), correct_at_k(logits, labels, 5).double(),
+                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
     finally:
         model.train(was_training)
     loss, top1, top5, count = dist.all_reduce_sum(sums).tolist()

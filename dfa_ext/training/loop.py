@@ -18,15 +18,16 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..config import config_dict, option
+from ..config import option
 from ..data import DataBundle
 from ..data.loader import make_loader
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from .checkpoint import check_same_run, load_checkpoint, save_checkpoint
 from .distributed import DistContext, current_context
 from .evaluate import correct_at_k, evaluate
 from .interrupt import InterruptGuard, TrainingInterrupted, stop_requested
 from .metrics_log import MetricsLog
+from .optim_step import optimizer_step
 from .progress import progress_bar, report
 from .schedule import SCHEDULES, LrSchedule, make_sgd
 from .run_options import RunOptions, autocast_for, resolve_device
@@ -100,6 +101,40 @@ class FitResult:
     @property
     def last_path(self) -> Path:
         return self.out_dir / "last.pt"
+
+
+POSTFIX_EVERY = 10  # steps between progress-bar loss readouts
+
+
+class EpochSums:
+    """Running sums of one epoch's training metrics, kept on the device.
+
+    Accumulating tensors (not Python floats) avoids a host synchronisation per step on a GPU;
+    the sums are read once per checkpoint and at the epoch's end. Keys: ``samples``,
+    ``correct`` (top-1) and one per loss (loss times batch size).
+    """
+
+    def __init__(self, device: torch.device, saved: dict | None = None) -> None:
+        self.device = device
+        self.values: dict[str, torch.Tensor] = {}
+        for key, value in (saved or {"samples": 0.0, "correct": 0.0}).items():
+            self.values[key] = torch.tensor(value, dtype=torch.float64, device=device)
+
+    def add(self, labels: torch.Tensor, logits: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        count = labels.numel()
+        self.values["samples"] += count
+        self.values["correct"] += correct_at_k(logits.detach(), labels, 1)
+        for name, value in losses.items():
+            total = value.detach().double() * count
+            if name in self.values:
+                self.values[name] += total
+            else:
+                self.values[name] = total
+
+    def as_dict(self) -> dict[str, float]:
+        """Python floats (one synchronisation), as checkpoints store them."""
+        keys = list(self.values)
+        return dict(zip(keys, torch.stack([self.values[k] for k in keys]).tolist()))
 
 
 def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str | Path, *,
@@ -177,7 +212,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                                      start_batch=start_batch, num_workers=config.num_workers,
                                      rank=dist.rank, world_size=dist.world_size,
                                      pin_memory=device.type == "cuda")
-                sums = sums or {"samples": 0.0, "correct": 0.0}
+                sums = EpochSums(device, sums)
                 task.train()
                 bar = progress_bar(config.progress and dist.is_main, steps_per_epoch, start_batch,
                                 f"epoch {epoch + 1}/{config.epochs}")
@@ -189,32 +224,24 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                     with autocast:
                         logits, losses = task(images, labels)
                     loss = sum(losses.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if config.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(list(task.trainable_parameters()), config.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
+                    optimizer_step(loss, optimizer, scaler, task.trainable_parameters(), config.grad_clip)
                     step, batch = step + 1, batch + 1
-                    count = float(labels.numel())
-                    sums["samples"] += count
-                    sums["correct"] += correct_at_k(logits.detach().float(), labels, 1)
-                    for name, value in losses.items():
-                        sums[name] = sums.get(name, 0.0) + float(value.detach()) * count
+                    sums.add(labels, logits, losses)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.4g}")
+                        if batch % POSTFIX_EVERY == 0:  # reading the loss syncs a GPU: not every step
+                            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.4g}")
                     if on_step is not None:
                         on_step(step)
                     if stop_requested(guard, dist):
-                        checkpoint(epoch, batch, sums)
+                        checkpoint(epoch, batch, sums.as_dict())
                         raise TrainingInterrupted(str(last_path))
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
-                        checkpoint(epoch, batch, sums)
+                        checkpoint(epoch, batch, sums.as_dict())
                 if bar is not None:
                     bar.close()
-                totals = dict(zip(sums, dist.all_reduce_sum(torch.tensor(list(sums.values()))).tolist()))
+                local = sums.as_dict()
+                totals = dict(zip(local, dist.all_reduce_sum(torch.tensor(list(local.values()))).tolist()))
                 samples = max(totals.pop("samples"), 1.0)
                 train = {f"train_{k}": v / samples for k, v in totals.items() if k != "correct"}
                 train["train_top1"] = 100.0 * totals["correct"] / samples
