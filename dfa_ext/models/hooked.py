@@ -87,6 +87,10 @@ class HookedNetwork(TappedNetwork):
         self._active: List[str] = []  # blocks currently running, innermost last
         self._bns: Dict[str, Optional[nn.Module]] = {}
         self._no_relu: Set[str] = set()  # blocks tapped at their output instead
+        # relu calls per block: counted in this forward, and learned from the first one so that
+        # later forwards clone only at the last call (a BasicBlock's first clone is wasted work)
+        self._calls: Dict[str, int] = {}
+        self._calls_per_block: Dict[str, int] = {}
         self._register_hooks()
         last_has_relu = {g[-1] not in self._no_relu for g in self._groups}
         if len(last_has_relu) != 1:
@@ -118,6 +122,7 @@ class HookedNetwork(TappedNetwork):
     def _enter_block(self, path: str, module: nn.Module, args) -> None:
         if self._capturing:
             self._active.append(path)
+            self._calls[path] = 0
 
     def _exit_block(self, path: str, module: nn.Module, args, output) -> None:
         if not self._capturing:
@@ -125,11 +130,22 @@ class HookedNetwork(TappedNetwork):
         self._active.pop()
         if path in self._no_relu and isinstance(output, Tensor):  # no relu: the output itself
             self._stash[path] = output.clone()
+            return
+        calls = self._calls.pop(path, 0)
+        expected = self._calls_per_block.setdefault(path, calls)
+        if calls != expected:
+            raise ModelError(f"block {path!r} called its relu {calls} times, {expected} times before: "
+                             "the hooks need a fixed number of calls per block")
 
     def _on_relu(self, module: nn.Module, args) -> None:
         if self._capturing and self._active:
-            # In place ReLU: clone now; a later call of the same block overwrites (last call wins).
-            self._stash[self._active[-1]] = args[0].clone()
+            path = self._active[-1]
+            self._calls[path] += 1
+            expected = self._calls_per_block.get(path)
+            # In place ReLU: clone now. The last call's input is the block's pre-ReLU output; until
+            # the count is known every call clones and a later one overwrites.
+            if expected is None or self._calls[path] == expected:
+                self._stash[path] = args[0].clone()
 
     def group_names(self) -> Tuple[str, ...]:
         return self._group_names
@@ -142,7 +158,7 @@ class HookedNetwork(TappedNetwork):
             logits = self.model(x)
             stash = self._stash
         finally:
-            self._stash, self._active, self._capturing = {}, [], False
+            self._stash, self._active, self._calls, self._capturing = {}, [], {}, False
         taps = []
         for g, paths in enumerate(self._groups):
             missing = [p for p in paths if p not in stash]

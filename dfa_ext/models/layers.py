@@ -16,6 +16,27 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
+class ConvStem(nn.Module):
+    """conv3x3 - BN - ReLU: image [B, C_in, H, W] -> (a, raw), both [B, C0, H, W].
+
+    ``a`` is the activated output the first block takes. ``raw`` is the conv output, which the
+    first block of a pre-activation network (WRN) needs for its identity shortcut, or None where
+    nothing needs it (``keep_raw=False``, post-activation ResNets). In a WRN this BN is the first
+    block's bn1, owned by the stem so that each BN runs once.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, keep_raw: bool) -> None:
+        super().__init__()
+        self.conv = conv3x3(in_channels, out_channels)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.keep_raw = keep_raw
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        y = self.conv(x)
+        return self.relu(self.bn(y)), (y if self.keep_raw else None)
+
+
 class ClassifierHead(nn.Module):
     """Global average pool + linear: [B, C, H, W] (already activated) -> [B, num_classes].
 

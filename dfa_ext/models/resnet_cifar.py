@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .layers import ClassifierHead, conv1x1, conv3x3, init_weights
+from .layers import ClassifierHead, ConvStem, conv1x1, conv3x3, init_weights
 from .staged import StagedNetwork, TappedBlock
 
 WIDTHS = (16, 16, 32, 64)  # stem, group 0, group 1, group 2
@@ -46,19 +46,6 @@ class BasicBlock(TappedBlock):
         return out + shortcut, None  # out of place: bn2's output stays untouched too
 
 
-class _Stem(nn.Module):
-    """conv3x3-BN-ReLU: image [B, C_in, H, W] -> (a [B, C0, H, W], None)."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = conv3x3(in_channels, out_channels)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, None]:
-        return self.relu(self.bn(self.conv(x))), None
-
-
 class CifarResNet(StagedNetwork):
     """Post-activation ResNet-``depth`` for small images; ``widths`` = (stem, group 0..2)."""
 
@@ -78,7 +65,7 @@ class CifarResNet(StagedNetwork):
                       for j in range(n)]
             groups.append(blocks)
             channels = width
-        super().__init__(_Stem(in_channels, widths[0]), groups,
+        super().__init__(ConvStem(in_channels, widths[0], keep_raw=False), groups,
                          ClassifierHead(widths[-1], num_classes))
         self.depth = depth
         init_weights(self)

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .layers import ClassifierHead, conv1x1, conv3x3, init_weights
+from .layers import ClassifierHead, ConvStem, conv1x1, conv3x3, init_weights
 from .staged import StagedNetwork, TappedBlock
 
 
@@ -56,20 +56,6 @@ class PreActBlock(TappedBlock):
         return self.out_bn(y), y
 
 
-class _Stem(nn.Module):
-    """conv3x3, then the first block's bn1 + ReLU: image -> (a = relu(bn(y)), y = conv(x))."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = conv3x3(in_channels, out_channels)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        y = self.conv(x)
-        return self.relu(self.bn(y)), y
-
-
 class WideResNet(StagedNetwork):
     """WRN-``depth``-``width``: 3 groups of n = (depth - 4) / 6 pre-activation blocks."""
 
@@ -91,7 +77,7 @@ class WideResNet(StagedNetwork):
             groups.append([PreActBlock(channels if j == 0 else out_channels, out_channels,
                                        stride if j == 0 else 1, dropout) for j in range(n)])
             channels = out_channels
-        super().__init__(_Stem(in_channels, widths[0]), groups,
+        super().__init__(ConvStem(in_channels, widths[0], keep_raw=True), groups,
                          ClassifierHead(widths[-1], num_classes))
         self.depth, self.width = depth, width
         init_weights(self)
