@@ -145,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DfaError as error:
         print(f"dfa: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # unwritable output folder, full disk, unreadable file
+        print(f"dfa: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
+        print("dfa: aborted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

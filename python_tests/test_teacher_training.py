@@ -183,3 +183,12 @@ def test_command_help_lists_every_option_with_its_default(capsys):
                    "--amp", "--checkpoint-every", "--no-resume", "--tensorboard", "--config"):
         assert option in text
     assert "(default: resnet20)" in text and "(default: cosine)" in text
+
+
+def test_command_unwritable_output_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = dfa_main(["train-teacher", "--data", "digits", "--model", "resnet8", "--no-progress",
+                     "--out", str(blocker / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dfa: error:") and str(blocker) in err and err.count("\n") == 1
