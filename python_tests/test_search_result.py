@@ -14,7 +14,7 @@ import torch
 from dfa_ext.errors import ConfigError
 from dfa_ext.models import create
 from dfa_ext.search.plot import TRAJECTORY_COLUMNS, plot_alpha, read_trajectory
-from dfa_ext.search.result import (FORMAT, GroupAggregation, SearchResult, file_sha256,
+from dfa_ext.search.result import (FORMAT, SearchResult, file_sha256,
                                    load_search_result, save_search_result)
 
 INPUT_SHAPE = (1, 28, 28)

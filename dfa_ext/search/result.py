@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import reference
 from ..errors import ConfigError
 from ..models import probe_groups
 from ..training.checkpoint import atomic_write_text
@@ -31,7 +32,7 @@ _GROUP_KEYS = ("index", "teacher_layers", "beta", "alpha", "searched")
 
 def softmax(beta: Sequence[float]) -> tuple[float, ...]:
     """alpha = softmax(beta) over the K layers of a group, computed in float64."""
-    return tuple(torch.softmax(torch.tensor(beta, dtype=torch.float64), 0).tolist())
+    return tuple(reference.alpha(torch.tensor(beta, dtype=torch.float64), torch.float64).tolist())
 
 
 def _numbers(values: Any, what: str) -> tuple[float, ...]:
