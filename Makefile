@@ -1,4 +1,4 @@
-# One-command entry points (see README):  make demo  |  make test  |  make bench
+# One-command entry points (see README):  make setup  |  make demo  |  make test  |  make bench
 # Each creates the virtual environment and builds the extension first when needed.
 
 PYTHON ?= python3
@@ -30,7 +30,7 @@ $(VENV)/.built: $(VENV)/.installed $(CSRC)
 	touch $@
 
 demo: build
-	$(PY) -m dfa_ext.demo
+	$(VENV)/bin/dfa demo
 
 test: test-python test-cpp
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import median_time  # noqa: E402
+from harness import dfa_op_seconds, median_time  # noqa: E402
 
 from dfa_ext import models, reference  # noqa: E402
 from dfa_ext.search import Architect, Batch, SearchNetwork, network, teacher_features  # noqa: E402
@@ -66,16 +66,6 @@ def build_step(args, kernels: str):
     return step, pairs[group].num_layers
 
 
-def dfa_kernel_seconds(step, repeats: int = 3) -> float:
-    """Seconds per step inside dfa:: ops (self CPU time, forward and backward)."""
-    step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(repeats):
-            step()
-    total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("dfa::"))
-    return total_us / 1e6 / repeats
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="resnet56")
@@ -102,7 +92,7 @@ def main() -> None:
             step, k = build_step(args, mode)
             times[mode] = median_time(step, device, warmup=2, repeats=args.repeats)
             if mode == "fused":
-                dfa_seconds = dfa_kernel_seconds(step)
+                dfa_seconds = dfa_op_seconds(step, device)
         finally:
             network.dfa_ops = original
     fused = times["fused"]

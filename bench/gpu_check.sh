@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-machine check of dfa_ext, in one script: build from source with the CUDA kernels, run the
-# CUDA tests (python_tests/test_cuda.py) and the quick CPU value tests, then the CUDA benchmark.
+# CUDA tests (python_tests/test_cuda.py, test_cuda_training.py) and the quick CPU value tests, then the CUDA
+# benchmarks of the ops and of a distillation step.
 #
 #     bash bench/gpu_check.sh                 # from the repository root
 #     OUT=/some/dir bash bench/gpu_check.sh   # also keep the logs and bench_cuda.md there
@@ -10,9 +11,10 @@
 # pytest skips the tests (with a message) and the benchmark still runs.
 #
 # Time: about 8 minutes in all.  Each step runs under `timeout`; the build gets up to 300 s, the CUDA
-# tests 180 s, the CPU tests 60 s and the benchmark what is left of GPU_CHECK_BUDGET_S (default 480 s;
-# at least 90 s, and never past 570 s from the start).  A failing or timed-out step is reported and
-# the script goes on; it exits 0 only when every step passed.  The benchmark table is printed last.
+# tests 210 s, the CPU tests 60 s, the distillation-step benchmark GPU_CHECK_DISTILL_BENCH_S (80 s) and
+# the ops benchmark what is left of GPU_CHECK_BUDGET_S (default 480 s; at least 90 s, and never past
+# 570 s from the start).  A failing or timed-out step is reported and the script goes on; it exits 0
+# only when every step passed.  The benchmark tables are printed last.
 #
 # Environment knobs: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda),
 # TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), MAX_JOBS (default 16), GPU_CHECK_BUDGET_S,
@@ -25,6 +27,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || { echo "gpu_check: cannot cd to the re
 
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
+DISTILL_BENCH_S=${GPU_CHECK_DISTILL_BENCH_S:-80}
 HARD_LIMIT=570
 PYTEST_STOP=${GPU_CHECK_PYTEST_STOP--x}
 read -r -a STOP_ARGS <<<"$PYTEST_STOP"
@@ -150,9 +153,10 @@ record "import + smoke test" $?
 # ------------------------------------------------------------------------------------------------
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   if "$PY" -c "import pytest" >/dev/null 2>&1; then
-    section "CUDA tests: pytest python_tests/test_cuda.py $PYTEST_STOP"
+    section "CUDA tests: pytest python_tests/test_cuda.py python_tests/test_cuda_training.py $PYTEST_STOP"
     # SIGINT on timeout: pytest stops and still prints its summary.
-    timeout -s INT -k 15 "$(cap 180)" "$PY" -m pytest python_tests/test_cuda.py -q "${STOP_ARGS[@]}" -rfEs \
+    timeout -s INT -k 15 "$(cap 210)" "$PY" -m pytest python_tests/test_cuda.py python_tests/test_cuda_training.py \
+      -q "${STOP_ARGS[@]}" -rfEs \
       --tb=short -p no:cacheprovider --durations=5 2>&1 | tee "$LOGS/pytest_cuda.txt"
     record "CUDA tests" $?
 
@@ -172,9 +176,9 @@ fi
 # ------------------------------------------------------------------------------------------------
 TABLE="$LOGS/bench_cuda.md"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  left=$((BUDGET - (SECONDS - START)))
+  left=$((BUDGET - (SECONDS - START) - DISTILL_BENCH_S))
   ((left < 90)) && left=90
-  section "benchmark (up to $(cap "$left") s)"
+  section "benchmark of the ops (up to $(cap "$left") s)"
   rm -f "$TABLE"
   # per-row progress (stderr) is shown live and kept in bench.log; the table goes to $TABLE (and
   # bench_stdout.txt) and is printed at the end.
@@ -182,6 +186,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     --shapes 64x64x16x16x6 128x128x8x8x9 256x256x32x32x8 --markdown "$TABLE" \
     2>&1 >"$LOGS/bench_stdout.txt" | tee "$LOGS/bench.log"
   record "benchmark" $?
+
+  section "benchmark of a distillation step (up to $(cap "$DISTILL_BENCH_S") s)"
+  timeout -s INT -k 15 "$(cap "$DISTILL_BENCH_S")" "$PY" bench/bench_distill_step.py --device cuda --batch 128 \
+    --markdown "$LOGS/bench_distill_cuda.md" 2>&1 | tee "$LOGS/bench_distill.log"
+  record "distill-step benchmark" $?
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -192,6 +201,7 @@ if [ -f "$LOGS/pytest_cuda.txt" ]; then
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo
+  [ -s "$LOGS/bench_distill_cuda.md" ] && { cat "$LOGS/bench_distill_cuda.md"; echo; }
   if [ -s "$TABLE" ]; then
     cat "$TABLE"
   else

@@ -73,3 +73,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def dfa_op_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Seconds per fn() spent inside the ``dfa::`` ops, forward and backward (profiler: self CPU
+    time on a CPU, kernel time on a GPU)."""
+    fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        _sync(device)
+    events = [e for e in prof.key_averages() if e.key.startswith("dfa::")]
+    if device.type == "cuda":
+        total_us = sum(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) for e in events)
+    else:
+        total_us = sum(e.self_cpu_time_total for e in events)
+    return total_us / 1e6 / repeats

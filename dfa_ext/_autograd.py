@@ -24,8 +24,18 @@ def _or_none(t: torch.Tensor, need: bool):
     return t if need else None
 
 
+def _per_input(ctx, grads: tuple) -> tuple:
+    """One gradient per argument the op was called with.
+
+    The dispatcher drops trailing arguments equal to their default (margins=None) before autograd
+    sees them, so ``needs_input_grad`` is shorter then; some torch versions (2.11) require exactly
+    that many gradients, newer ones also accept one per schema argument.
+    """
+    return grads[:len(ctx.needs_input_grad)]
+
+
 def _no_margin_grad(op: str, needs_input_grad, index: int) -> None:
-    # margins=None has no entry in needs_input_grad (pytree drops None leaves).
+    # margins=None has no entry in needs_input_grad (the dispatcher drops defaulted arguments).
     if len(needs_input_grad) > index and needs_input_grad[index]:
         raise RuntimeError(f"dfa::{op}: 'margins' are constants and get no gradient; pass margins.detach()")
 
@@ -44,7 +54,7 @@ def _aggregate_backward(ctx, grad):
     _no_margin_grad("aggregate", ctx.needs_input_grad, 2)
     grad_beta, grad_features = torch.ops.dfa.aggregate_backward(
         grad, features, beta, margins, [need_beta, _any(need_features)])
-    return _feature_grads(grad_features, need_features), _or_none(grad_beta, need_beta), None
+    return _per_input(ctx, (_feature_grads(grad_features, need_features), _or_none(grad_beta, need_beta), None))
 
 
 # bridge_st_loss_forward(student, features, beta, eps) -> (loss, stats) ---------------------------
@@ -79,8 +89,8 @@ def _partial_l2_backward(ctx, grad):
     _no_margin_grad("partial_l2", ctx.needs_input_grad, 3)
     grad_student, grad_beta, grad_features = torch.ops.dfa.partial_l2_backward(
         grad, student, features, beta, margins, [need_student, need_beta, _any(need_features)])
-    return (_or_none(grad_student, need_student), _feature_grads(grad_features, need_features),
-            _or_none(grad_beta, need_beta), None)
+    return _per_input(ctx, (_or_none(grad_student, need_student), _feature_grads(grad_features, need_features),
+                            _or_none(grad_beta, need_beta), None))
 
 
 def _not_twice_differentiable(op: str):

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_MAX_FEATURES = 64  # kMaxK in csrc/cuda/map_kernels.cuh: map pointers are passed by value
 
 
 def _fail(op: str, message: str) -> None:
@@ -32,6 +33,10 @@ def check_features(op: str, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if not isinstance(f, torch.Tensor):
             _fail(op, f"'features[{j}]' must be a tensor, got {type(f).__name__}")
     ref = features[0]
+    if ref.device.type == "cuda" and len(features) > CUDA_MAX_FEATURES:
+        # Checked here as well as in C++: on the GPU machine (torch 2.11) the C++ check crashed
+        # the process instead of raising (see bench/RESULTS.md), so the wrapper never calls it.
+        _fail(op, f"the CUDA kernels take at most {CUDA_MAX_FEATURES} feature maps per call, got {len(features)}")
     if ref.dtype not in SUPPORTED_DTYPES:
         _fail(op, f"'features' must be float16, bfloat16, float32 or float64, got {ref.dtype}")
     if ref.dim() < 2:

@@ -35,6 +35,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         base = args[0] if args and typing.get_origin(annotation) is not tuple else annotation
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         kwargs: dict[str, Any] = dict(field.metadata.get("argparse", {}))
+        if kwargs.pop("positional", False):  # e.g. the CKPT of `dfa evaluate CKPT`
+            parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help", ""))
+            continue
         shown = "unset" if default is None else default
         kwargs.update(default=argparse.SUPPRESS, help=f"{field.metadata.get('help', '')} (default: {shown})",
                       dest=field.name)
@@ -65,14 +68,18 @@ def config_from_args(cls: type, namespace: argparse.Namespace) -> Any:
     return make_config(cls, file_values, cli)
 
 
+def _print_fit(what: str, result: Any) -> None:
+    """The closing line of a training command (``result``: a FitResult)."""
+    print(f"{what}: best test top-1 {result.best_top1:.2f}%, last {result.last_top1:.2f}% "
+          f"(top-5 {result.last_top5:.2f}%), {result.seconds:.0f} s; "
+          f"checkpoints: {result.last_path} (last), {result.best_path} (best)")
+
+
 def _train_teacher(namespace: argparse.Namespace) -> int:
     from .training.teacher import TeacherConfig, train_teacher
 
     config = config_from_args(TeacherConfig, namespace)
-    result = train_teacher(config)
-    print(f"teacher {config.model} on {config.data}: best test top-1 {result.best_top1:.2f}%, "
-          f"last {result.last_top1:.2f}% (top-5 {result.last_top5:.2f}%), {result.seconds:.0f} s; "
-          f"checkpoints: {result.last_path} (last), {result.best_path} (best)")
+    _print_fit(f"teacher {config.model} on {config.data}", train_teacher(config))
     return 0
 
 
@@ -91,6 +98,36 @@ def _search(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(namespace: argparse.Namespace) -> int:
+    from .distill import DistillConfig, run_distill
+
+    config = config_from_args(DistillConfig, namespace)
+    _print_fit(f"distill {config.method}: {config.student} on {config.data}", run_distill(config))
+    return 0
+
+
+def _evaluate(namespace: argparse.Namespace) -> int:
+    import json
+
+    from .training.evaluate_checkpoint import EvaluateConfig, evaluate_checkpoint
+
+    config = config_from_args(EvaluateConfig, namespace)
+    metrics = evaluate_checkpoint(config)
+    if namespace.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{metrics['model']} ({metrics['kind']} checkpoint) on {metrics['data']} test ({metrics['samples']} "
+              f"images): top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
+    return 0
+
+
+def _demo(namespace: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(config_from_args(DemoConfig, namespace))
+    return 0
+
+
 def _list_models(namespace: argparse.Namespace) -> int:
     from . import models
 
@@ -106,12 +143,20 @@ def _list_datasets(namespace: argparse.Namespace) -> int:
 
 
 def _subcommands() -> list[tuple[str, str, type | None, Callable[[argparse.Namespace], int]]]:
+    from .demo import DemoConfig
+    from .distill import DistillConfig
     from .search import SearchConfig
+    from .training.evaluate_checkpoint import EvaluateConfig
     from .training.teacher import TeacherConfig
 
     return [
         ("train-teacher", "train a teacher network with cross-entropy", TeacherConfig, _train_teacher),
         ("search", "stage 1: search the per-group teacher feature aggregation (bridge loss)", SearchConfig, _search),
+        ("distill", "stage 2: train a student with DFA or a baseline (vanilla, kd, ofd, uniform, random)",
+         DistillConfig, _distill),
+        ("evaluate", "test-set top-1, top-5 and loss of a checkpoint's network", EvaluateConfig, _evaluate),
+        ("demo", "the whole pipeline on the bundled MNIST digits: teacher, search, then every method over "
+         "several seeds; prints and saves the comparison table", DemoConfig, _demo),
         ("models", "list the network names", None, _list_models),
         ("datasets", "list the dataset names", None, _list_datasets),
     ]
@@ -128,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             sub.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (the command line wins)")
             add_config_options(sub, cls)
+        if handler is _evaluate:
+            sub.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
         sub.set_defaults(handler=handler)
     return parser
 

@@ -23,8 +23,7 @@ from ..data.loader import batch_stream
 from ..data.split import split_train_val
 from ..errors import ConfigError
 from ..margins import group_margins
-from ..training.checkpoint import (atomic_write_text, check_same_run, load_checkpoint, model_from_checkpoint,
-                                   model_record, save_checkpoint)
+from ..training.checkpoint import (atomic_write_text, check_same_run, load_checkpoint, model_record, save_checkpoint)
 from ..training.distributed import current_context
 from ..training.interrupt import InterruptGuard, TrainingInterrupted, stop_requested
 from ..training.optim_step import optimizer_step
@@ -32,6 +31,7 @@ from ..training.progress import progress_bar
 from ..training.run_options import autocast_for, resolve_device
 from ..training.schedule import LrSchedule
 from ..training.seeding import rng_state, seed_everything, set_deterministic, set_rng_state
+from ..training.teacher import freeze, load_teacher
 from .architect import Architect, Batch
 from .config import SearchConfig
 from .network import SearchNetwork, teacher_features
@@ -40,24 +40,6 @@ from .result import SearchResult, file_sha256, save_search_result
 from .trajectory import AlphaTrajectory
 
 REPORT_EVERY = 10  # steps between progress-bar / TensorBoard readouts
-
-
-def load_teacher(path: str, spec) -> tuple[models.TappedNetwork, dict]:
-    """The frozen teacher of a checkpoint, checked against the dataset it will see."""
-    state = load_checkpoint(path, kind=("teacher", "distill"))
-    teacher = model_from_checkpoint(state)
-    record = {k: v for k, v in state["model"].items() if k != "state_dict"}
-    if (record["num_classes"], record["in_channels"]) != (spec.num_classes, spec.in_channels):
-        raise ConfigError(f"teacher {path} was trained for {record['num_classes']} classes and "
-                          f"{record['in_channels']} input channels; dataset {spec.name!r} has "
-                          f"{spec.num_classes} classes and {spec.in_channels} channels")
-    return _freeze(teacher), record
-
-
-def _freeze(teacher: nn.Module) -> nn.Module:
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
 
 
 def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = None,
@@ -85,7 +67,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     else:
         teacher_record = {"name": getattr(teacher, "model_name", type(teacher).__name__),
                           "num_classes": spec.num_classes, "in_channels": spec.in_channels, "kwargs": {}}
-        teacher = _freeze(teacher)
+        teacher = freeze(teacher)
     seed_everything(config.seed)
     student = models.create(config.student, num_classes=spec.num_classes, in_channels=spec.in_channels,
                             **config.student_options)

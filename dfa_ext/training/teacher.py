@@ -14,7 +14,8 @@ from .. import models
 from ..config import config_dict, option
 from ..losses import cross_entropy
 from ..data.options import DataOptions
-from .checkpoint import atomic_write_text, model_record
+from ..errors import ConfigError
+from .checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint, model_record
 from .distributed import current_context
 from .loop import FitResult, LoopConfig, TrainingTask, fit
 from .seeding import seed_everything
@@ -79,3 +80,22 @@ def train_teacher(config: TeacherConfig, *, on_step: Callable[[int], Any] | None
                  "seed": config.seed, "batch_size": config.batch_size}
     return fit(ClassifierTask(model, record), data, config, out, kind="teacher", signature=signature,
                extra_state={"config": settings, "data_spec": config_dict(spec)}, on_step=on_step)
+
+
+def load_teacher(path: str, spec) -> tuple[models.TappedNetwork, dict]:
+    """The frozen teacher of a checkpoint, checked against the dataset it will see."""
+    state = load_checkpoint(path, kind=("teacher", "distill"))
+    teacher = model_from_checkpoint(state)
+    record = {k: v for k, v in state["model"].items() if k != "state_dict"}
+    if (record["num_classes"], record["in_channels"]) != (spec.num_classes, spec.in_channels):
+        raise ConfigError(f"teacher {path} was trained for {record['num_classes']} classes and "
+                          f"{record['in_channels']} input channels; dataset {spec.name!r} has "
+                          f"{spec.num_classes} classes and {spec.in_channels} channels")
+    return freeze(teacher), record
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    """Makes ``teacher`` a fixed function: no parameter learns, BN uses its running statistics."""
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()

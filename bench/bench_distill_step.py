@@ -1,0 +1,122 @@
+"""Benchmark of one stage-2 training step (teacher forward, student forward and backward, SGD)
+on the same networks and batch: DFA with the fused ops, with the eager pure-PyTorch reference and
+with that reference under torch.compile, beside the vanilla (CE only), KD and OFD steps.
+
+Reports the median time per step, the ratio to the fused DFA step, the time inside the dfa:: ops
+(profiler) and the peak extra memory of a step.
+
+    python bench/bench_distill_step.py [--device cuda --teacher resnet56 --student resnet20 --batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import dfa_op_seconds, markdown_table, median_time, peak_extra_bytes  # noqa: E402
+
+from dfa_ext import models, reference  # noqa: E402
+from dfa_ext.distill import KDDistiller, VanillaDistiller, distillers, group_targets, stage_weights  # noqa: E402
+from dfa_ext.distill.distillers import FeatureDistiller  # noqa: E402
+from dfa_ext.margins import group_margins  # noqa: E402
+from dfa_ext.training.optim_step import optimizer_step  # noqa: E402
+
+COLUMNS = ("dfa fused", "dfa reference (eager)", "dfa reference (torch.compile)", "ofd fused", "kd", "vanilla")
+
+
+def _compiled_reference() -> types.SimpleNamespace:
+    return types.SimpleNamespace(partial_l2=torch.compile(reference.partial_l2, dynamic=False))
+
+
+def build_step(args, column: str, device: torch.device):
+    """A closure running one training step of ``column`` on a fixed batch."""
+    torch.manual_seed(0)
+    shape = (args.channels, args.size, args.size)
+    teacher = models.create(args.teacher, num_classes=args.classes, in_channels=args.channels)
+    student = models.create(args.student, num_classes=args.classes, in_channels=args.channels)
+    record = {"name": args.student, "num_classes": args.classes, "in_channels": args.channels}
+    if column == "vanilla":
+        task = VanillaDistiller(student, None, record)
+    elif column == "kd":
+        task = KDDistiller(student, teacher, record)
+    else:
+        pairs = models.pair_networks(teacher, student, shape)
+        bns = [g.bns for g in teacher.eval()(torch.zeros(2, *shape), features=True).groups]
+        method = "ofd" if column.startswith("ofd") else "random"  # random: a full K-layer aggregation
+        task = FeatureDistiller(student, teacher, record, pairs=pairs, targets=group_targets(method, pairs),
+                                margins=[group_margins(b) for b in bns], weights=stage_weights(len(pairs)),
+                                kernels="reference" if "reference" in column else "fused")
+    task.to(device, memory_format=torch.channels_last).train()
+    params = list(task.trainable_parameters())
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(args.batch, *shape, generator=g).to(device, memory_format=torch.channels_last)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def step() -> None:
+        with autocast:
+            _, losses = task(images, labels)
+        optimizer_step(sum(losses.values()), optimizer, scaler, params, None)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--student", default="resnet20")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    columns = [c for c in COLUMNS if not (args.no_compile and "compile" in c)]
+    rows, fused = [], None
+    original = distillers.dfa_ops
+    for column in columns:
+        if "compile" in column:
+            compiled = _compiled_reference()
+            distillers.dfa_ops = lambda kernels, ops=compiled: ops  # the bench only: the compiled reference
+        try:
+            step = build_step(args, column, device)
+            seconds = median_time(step, device, warmup=3, repeats=args.repeats)
+            ops = dfa_op_seconds(step, device) if "fused" in column else None
+            peak = peak_extra_bytes(step, device) if device.type == "cuda" else None
+        finally:
+            distillers.dfa_ops = original
+        if column == "dfa fused":
+            fused, fused_ops = seconds, ops
+        if column.startswith("dfa reference"):  # the steps differ only in the DFA ops
+            ops = seconds - fused + fused_ops
+        rows.append([column, f"{seconds * 1e3:.1f}", f"{seconds / fused:.2f}x",
+                     "" if ops is None else f"{ops * 1e3:.1f}",
+                     "" if ops is None else f"{ops / seconds:.0%}",
+                     "" if peak is None else f"{peak / 2**20:.0f}"])
+        print(f"{column}: {seconds * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    precision = "bf16 autocast" if args.bf16 else "float32"
+    title = (f"distillation step, teacher {args.teacher} -> student {args.student}, batch {args.batch}x{args.channels}"
+             f"x{args.size}x{args.size}, {precision}, {name}, torch {torch.__version__}")
+    table = markdown_table(["step", "ms / step", "vs dfa fused", "DFA ops ms", "DFA share", "peak extra MiB"], rows)
+    print(title)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(title + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

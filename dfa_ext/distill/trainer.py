@@ -1,0 +1,113 @@
+"""Stage 2: train a student with one distillation method (or a baseline) and the shared loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import models
+from ..config import config_dict
+from ..data import DataBundle, DataSpec
+from ..errors import CheckpointError, ConfigError
+from ..margins import group_margins
+from ..search.result import file_sha256, load_search_result
+from ..training.checkpoint import atomic_write_text, load_checkpoint
+from ..training.distributed import current_context
+from ..training.loop import FitResult, fit
+from ..training.seeding import seed_everything
+from ..training.teacher import freeze, load_teacher
+from .config import DistillConfig
+from .distillers import Distiller, FeatureDistiller, KDDistiller, VanillaDistiller
+from .targets import group_targets, stage_weights
+
+
+def run_distill(config: DistillConfig, *, teacher: models.TappedNetwork | None = None,
+                data: DataBundle | None = None, on_step: Callable[[int], Any] | None = None) -> FitResult:
+    """Trains ``config.student`` with ``config.method``; see :func:`dfa_ext.training.loop.fit` for
+    the files written to ``config.out`` (``best.pt`` and ``last.pt`` are student checkpoints that
+    ``dfa evaluate`` reads, and that can serve as teachers).
+
+    Args:
+        teacher: a trained tapped network to use instead of ``config.teacher`` (Python API).
+        data: a dataset bundle to use instead of ``config.data``.
+        on_step: called with the global step after each optimiser step.
+    """
+    config.validate(teacher_given=teacher is not None)
+    with torch.device("meta"):  # a bad student name or argument fails now, before data loading
+        models.create(config.student, **config.student_options)
+    data = data or config.load(config.seed)
+    spec = data.spec
+    teacher_info: dict[str, Any] = {}
+    if config.method != "vanilla":
+        if teacher is None:
+            teacher, record = load_teacher(config.teacher, spec)
+            teacher_info = {"model": record["name"], "sha256": file_sha256(config.teacher)}
+        else:
+            teacher = freeze(teacher)
+            teacher_info = {"model": getattr(teacher, "model_name", type(teacher).__name__), "sha256": ""}
+    seed_everything(config.seed)  # the same seed gives every method the same initial student
+    student = models.create(config.student, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                            **config.student_options)
+    record = {"name": config.student, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
+              "kwargs": dict(config.student_options)}
+    distiller = _make_distiller(config, student, teacher, record, spec, teacher_info)
+    if config.warm_start:
+        _warm_start(distiller, config.warm_start, config.student)
+
+    out = Path(config.out)
+    settings = config_dict(config)
+    if current_context().is_main:
+        atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
+    signature = {"method": config.method, "student": config.student, "student_options": dict(config.student_options),
+                 "teacher": teacher_info, "data": config.data, "seed": config.seed, "batch_size": config.batch_size,
+                 "aggregation": distiller.aggregation() if isinstance(distiller, FeatureDistiller) else []}
+    return fit(distiller, data, config, out, kind="distill", signature=signature,
+               extra_state={"config": settings, "data_spec": config_dict(spec), "method": config.method},
+               on_step=on_step)
+
+
+def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teacher: nn.Module | None,
+                    record: dict, spec: DataSpec, teacher_info: dict) -> Distiller:
+    if config.method == "vanilla":
+        return VanillaDistiller(student, None, record)
+    if config.method == "kd":
+        return KDDistiller(student, teacher, record, temperature=config.kd_temperature, weight=config.kd_weight)
+    input_shape = (spec.in_channels, spec.image_size, spec.image_size)
+    pairs = models.pair_networks(teacher, student, input_shape)
+    search = None
+    if config.method == "dfa":
+        search = load_search_result(config.aggregation, teacher=teacher, input_shape=input_shape)
+        made_for = search.teacher.get("sha256", "")
+        if config.check_teacher_hash and made_for and teacher_info.get("sha256") and made_for != teacher_info["sha256"]:
+            raise ConfigError(f"{config.aggregation} was searched with the teacher checkpoint "
+                              f"{search.teacher.get('checkpoint') or '?'} (other weights than {config.teacher}); "
+                              "pass that teacher, or --no-check-teacher-hash to use it anyway")
+    targets = group_targets(config.method, pairs, search=search, random_std=config.random_std,
+                            aggregation_seed=config.aggregation_seed)
+    with torch.no_grad():
+        bns = [g.bns for g in teacher(torch.zeros(2, *input_shape), features=True).groups]
+    return FeatureDistiller(student, teacher, record, pairs=pairs, targets=targets,
+                            margins=[group_margins(b) for b in bns],
+                            weights=stage_weights(len(pairs), config.stage_weights),
+                            gamma_fd=config.gamma_fd, kernels=config.kernels)
+
+
+def _warm_start(distiller: Distiller, path: str, student_name: str) -> None:
+    """Student weights (and, for feature methods, the ST connectors) from a search checkpoint."""
+    state = load_checkpoint(path, kind="search")
+    saved = state["student"]
+    if saved["name"] != student_name:
+        raise ConfigError(f"warm_start {path} holds a {saved['name']!r} student; this run trains {student_name!r}")
+    try:
+        distiller.classifier.load_state_dict(saved["state_dict"])
+        if isinstance(distiller, FeatureDistiller):
+            prefix = "st_connectors."
+            distiller.st_connectors.load_state_dict(
+                {k[len(prefix):]: v for k, v in state["net"].items() if k.startswith(prefix)})
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0][:300]
+        raise CheckpointError(f"warm_start {path} does not fit this student: {first_line}") from None

@@ -1,0 +1,67 @@
+"""The trainers on a GPU: teacher, search and distillation run on CUDA, and the fused CUDA kernels
+log the same search alpha and distillation losses as the pure-PyTorch reference there.
+
+Skipped when no GPU is visible (CI); run by bench/gpu_check.sh on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dfa_ext.distill import DistillConfig, run_distill
+from dfa_ext.search import SearchConfig, run_search
+from dfa_ext.training import TeacherConfig, load_checkpoint, train_teacher
+from dfa_ext.training.evaluate_checkpoint import EvaluateConfig, evaluate_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+COMMON = dict(data="digits", device="cuda", progress=False, tensorboard=False, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    result = train_teacher(TeacherConfig(**COMMON, model="resnet14", epochs=3, out=str(out)))
+    assert result.last_top1 > 50.0  # 10 classes: it learned on the GPU
+    return str(out / "last.pt")
+
+
+def _search(tmp_path, teacher, kernels):
+    return run_search(SearchConfig(**COMMON, teacher=teacher, student="resnet8", steps_per_group=5, arch_lr=0.05,
+                                   kernels=kernels, out=str(tmp_path / f"search_{kernels}")))
+
+
+def test_search_on_cuda_fused_matches_reference(tmp_path, teacher):
+    fused, ref = _search(tmp_path, teacher, "fused"), _search(tmp_path, teacher, "reference")
+    for a, b in zip(fused.groups, ref.groups):
+        torch.testing.assert_close(torch.tensor(a.alpha), torch.tensor(b.alpha), rtol=1e-3, atol=1e-4)
+        assert a.alpha != (0.5, 0.5)
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_distillation_on_cuda_fused_matches_reference(tmp_path, teacher, amp):
+    aggregation = _search(tmp_path, teacher, "fused")
+    rows = []
+    for kernels in ("fused", "reference"):
+        out = tmp_path / f"distill_{kernels}"
+        run_distill(DistillConfig(**COMMON, teacher=teacher, aggregation=str(tmp_path / "search_fused" / "search.json"),
+                                  method="dfa", epochs=2, kernels=kernels, amp=amp, out=str(out)))
+        header, *values = (out / "metrics.csv").read_text().splitlines()
+        rows.append([dict(zip(header.split(","), map(float, v.split(",")))) for v in values])
+    tolerance = 1e-3 if amp == "none" else 2e-2
+    for fused, ref in zip(*rows):
+        for key in ("train_ce", "train_fd", "test_loss"):
+            assert math.isclose(fused[key], ref[key], rel_tol=tolerance), (key, fused[key], ref[key])
+    assert rows[0][-1]["test_top1"] > 30.0
+    assert load_checkpoint(tmp_path / "distill_fused" / "last.pt")["method"] == "dfa"
+    assert aggregation.groups[0].searched
+
+
+def test_evaluate_on_cuda_matches_cpu(teacher):
+    on_gpu = evaluate_checkpoint(EvaluateConfig(checkpoint=teacher, device="cuda"))
+    on_cpu = evaluate_checkpoint(EvaluateConfig(checkpoint=teacher, device="cpu"))
+    assert on_gpu["top1"] == pytest.approx(on_cpu["top1"], abs=0.3)
+    assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-3)

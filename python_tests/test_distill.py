@@ -1,0 +1,347 @@
+"""Stage 2: the distillation losses against independent formulas, the baselines, fused vs reference
+kernels, checkpoints and resume, warm start, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfa_ext import models
+from dfa_ext.distill import DistillConfig, FeatureDistiller, group_targets, run_distill, stage_weights
+from dfa_ext.distill.trainer import _make_distiller
+from dfa_ext.errors import CheckpointError, ConfigError, ModelError
+from dfa_ext.losses import kd_loss
+from dfa_ext.margins import group_margins
+from dfa_ext.search import SearchConfig, run_search
+from dfa_ext.search.result import load_search_result
+from dfa_ext.training import TrainingInterrupted, load_checkpoint, model_from_checkpoint
+from dfa_ext.training.checkpoint import model_record, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DIGITS_SHAPE = (1, 8, 8)
+
+
+# ---- the loss formulas ------------------------------------------------------------------------
+
+def test_kd_loss_is_t_squared_kl_of_softened_distributions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    for temperature in (1.0, 4.0):
+        p = torch.exp(teacher / temperature) / torch.exp(teacher / temperature).sum(1, keepdim=True)
+        q = torch.exp(student / temperature) / torch.exp(student / temperature).sum(1, keepdim=True)
+        want = temperature**2 * (p * (p.log() - q.log())).sum() / 5
+        torch.testing.assert_close(kd_loss(student, teacher, temperature), want)
+    assert kd_loss(teacher, teacher, 4.0).abs() < 1e-12  # no loss when the student matches
+
+
+def test_kd_loss_sends_no_gradient_to_the_teacher():
+    student = torch.randn(3, 4, requires_grad=True)
+    teacher = torch.randn(3, 4, requires_grad=True)
+    kd_loss(student, teacher, 2.0).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_stage_weights_halve_towards_the_input():
+    assert stage_weights(3) == [0.25, 0.5, 1.0]
+    assert stage_weights(4) == [0.125, 0.25, 0.5, 1.0]
+    assert stage_weights(2, (1.0, 3.0)) == [1.0, 3.0]
+    with pytest.raises(ConfigError, match="3 layer groups"):
+        stage_weights(3, (1.0, 1.0))
+
+
+def _pairs(teacher="resnet14", student="resnet8"):
+    return models.pair_networks(models.create(teacher, 10, 1), models.create(student, 10, 1), DIGITS_SHAPE)
+
+
+def test_group_targets_of_each_method():
+    pairs = _pairs("resnet20")  # K = 3 per group
+    ofd = group_targets("ofd", pairs)
+    assert [t.layers for t in ofd] == [(2,)] * 3 and all(t.beta.tolist() == [0.0] for t in ofd)
+    uniform = group_targets("uniform", pairs)
+    assert [t.layers for t in uniform] == [(0, 1, 2)] * 3 and all(t.beta.abs().sum() == 0 for t in uniform)
+    first = group_targets("random", pairs, aggregation_seed=1)
+    again = group_targets("random", pairs, aggregation_seed=1)
+    other = group_targets("random", pairs, aggregation_seed=2)
+    assert all(torch.equal(a.beta, b.beta) for a, b in zip(first, again))
+    assert not torch.equal(first[0].beta, other[0].beta)
+    with pytest.raises(ConfigError, match="search result"):
+        group_targets("dfa", pairs)
+    with pytest.raises(ConfigError, match="not a feature"):
+        group_targets("kd", pairs)
+
+
+def _independent_partial_l2(student, maps, beta, margins):
+    """method.md section 6 written out: t = sum_j alpha_j max(T_j, m_j); masked squared error."""
+    alpha = torch.exp(beta) / torch.exp(beta).sum()
+    t = sum(a * torch.maximum(m, mg.view(1, -1, 1, 1)) for a, m, mg in zip(alpha, maps, margins))
+    keep = (student > t) | (t > 0)
+    return ((student - t) ** 2 * keep).flatten(1).sum(1)
+
+
+def _distiller(kernels, targets_of, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    teacher = models.create("resnet14", 10, 1)
+    for bn in (m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        with torch.no_grad():  # trained-looking BNs so margins differ per channel
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    student = models.create("resnet8", 10, 1)
+    pairs = models.pair_networks(teacher, student, DIGITS_SHAPE)
+    bns = [g.bns for g in teacher(torch.zeros(2, *DIGITS_SHAPE), features=True).groups]
+    margins = [group_margins(b) for b in bns]
+    distiller = FeatureDistiller(student, teacher, {"name": "resnet8", "num_classes": 10, "in_channels": 1},
+                                 pairs=pairs, targets=targets_of(pairs), margins=margins,
+                                 weights=stage_weights(3), gamma_fd=1e-3, kernels=kernels)
+    return distiller.to(dtype), margins
+
+
+def _batch(dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(6, *DIGITS_SHAPE, generator=g, dtype=dtype), torch.randint(0, 10, (6,), generator=g)
+
+
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_feature_loss_matches_the_formula_of_the_method(kernels):
+    beta = [torch.tensor([0.3, -0.2]), torch.tensor([1.0, 0.0]), torch.tensor([-0.5, 0.5])]
+    distiller, margins = _distiller(kernels, lambda pairs: [
+        t.__class__(t.index, t.layers, b) for t, b in zip(group_targets("uniform", pairs), beta)])
+    images, labels = _batch()
+    distiller.train()
+    logits, losses = distiller(images, labels)
+    assert set(losses) == {"ce", "fd"}
+    with torch.no_grad():
+        groups = distiller.teacher(images, features=True).groups
+        out = distiller.classifier(images, features=True)
+        want = 0.0
+        for i, w in enumerate((0.25, 0.5, 1.0)):
+            mapped = distiller.st_connectors[i](out.groups[i].last)
+            want += w * _independent_partial_l2(mapped, groups[i].layers, beta[i].double(), margins[i].double()).mean()
+    torch.testing.assert_close(losses["fd"].double(), 1e-3 * want, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(losses["ce"], F.cross_entropy(logits, labels))
+
+
+def test_ofd_is_feature_distillation_with_one_hot_alpha():
+    ofd, _ = _distiller("fused", lambda pairs: group_targets("ofd", pairs))
+    one_hot, _ = _distiller("fused", lambda pairs: [
+        t.__class__(t.index, t.layers, torch.tensor([-1e4, 0.0])) for t in group_targets("uniform", pairs)])
+    # built from the same seed: the same teacher, student and connectors
+    images, labels = _batch()
+    torch.testing.assert_close(ofd(images, labels)[1]["fd"], one_hot(images, labels)[1]["fd"])
+
+
+def test_fused_and_reference_kernels_give_the_same_losses_and_gradients():
+    fused, _ = _distiller("fused", lambda pairs: group_targets("random", pairs), dtype=torch.float32)
+    reference, _ = _distiller("reference", lambda pairs: group_targets("random", pairs), dtype=torch.float32)
+    images, labels = _batch(torch.float32)
+    losses = []
+    for distiller in (fused, reference):
+        _, named = distiller(images, labels)
+        sum(named.values()).backward()
+        losses.append(named)
+    torch.testing.assert_close(losses[0]["fd"], losses[1]["fd"], rtol=1e-5, atol=1e-7)
+    for (name, a), b in zip(fused.st_connectors.named_parameters(), reference.st_connectors.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_teacher_stays_frozen_in_eval_mode():
+    distiller, _ = _distiller("fused", lambda pairs: group_targets("uniform", pairs), dtype=torch.float32)
+    before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+    distiller.train()
+    assert not distiller.teacher.training and distiller.classifier.training
+    images, labels = _batch(torch.float32)
+    sum(distiller(images, labels)[1].values()).backward()
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+    assert not any(p is q for p in distiller.trainable_parameters() for q in distiller.teacher.parameters())
+    for key, value in distiller.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key  # BN running statistics included
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    """A briefly trained resnet14 teacher for the 8x8 digits (3 groups of 2 layers)."""
+    from dfa_ext.training import TeacherConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    train_teacher(TeacherConfig(model="resnet14", data="digits", epochs=2, batch_size=64, progress=False,
+                                tensorboard=False, out=str(out)))
+    return str(out / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def aggregation(tmp_path_factory, teacher_checkpoint):
+    out = tmp_path_factory.mktemp("search")
+    run_search(SearchConfig(teacher=teacher_checkpoint, student="resnet8", data="digits", steps_per_group=3,
+                            batch_size=32, arch_lr=0.05, progress=False, tensorboard=False, out=str(out)))
+    return str(out / "search.json")
+
+
+def distill_config(tmp_path, teacher_path, aggregation_path, name="run", **overrides) -> DistillConfig:
+    settings = dict(teacher=teacher_path, aggregation=aggregation_path, student="resnet8", data="digits",
+                    epochs=2, batch_size=64, lr=0.05, seed=3, progress=False, tensorboard=False,
+                    out=str(tmp_path / name))
+    settings.update(overrides)
+    return DistillConfig(**settings)
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]["state_dict"]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "kd", "ofd", "uniform", "random", "dfa"])
+def test_every_method_trains_a_student_and_writes_its_files(tmp_path, teacher_checkpoint, aggregation, method):
+    result = run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, method=method))
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.csv", "config.json"}
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    extra = {"vanilla": [], "kd": ["train_kd"]}.get(method, ["train_fd"])
+    assert header[:2 + len(extra)] == ["epoch", "train_ce", *extra]
+    assert result.best_top1 >= result.last_top1 > 10.0  # better than chance after 2 epochs
+    state = load_checkpoint(out / "last.pt", kind="distill")
+    assert state["method"] == method
+    student = model_from_checkpoint(out / "last.pt")
+    assert isinstance(student, models.CifarResNet)
+    if method in ("ofd", "uniform", "random", "dfa"):
+        assert any(k.startswith("st_connectors.") for k in state["distiller"])
+        assert not any(k.startswith(("teacher.", "classifier.")) for k in state["distiller"])
+
+
+def test_dfa_uses_the_searched_alpha(tmp_path, teacher_checkpoint, aggregation):
+    config = distill_config(tmp_path, teacher_checkpoint, aggregation)
+    teacher = models.create("resnet14", 10, 1)
+    searched = load_search_result(aggregation, teacher=teacher, input_shape=DIGITS_SHAPE)
+    from dfa_ext.data import load_data
+
+    spec = load_data("digits").spec
+    teacher = model_from_checkpoint(teacher_checkpoint)
+    distiller = _make_distiller(config, models.create("resnet8", 10, 1), teacher,
+                                {"name": "resnet8", "num_classes": 10, "in_channels": 1}, spec,
+                                {"sha256": searched.teacher["sha256"]})
+    for i, group in enumerate(searched.groups):
+        torch.testing.assert_close(torch.softmax(getattr(distiller, f"beta_{i}"), 0).double(),
+                                   torch.tensor(group.alpha, dtype=torch.float64))
+
+
+def test_every_method_starts_from_the_same_student_for_a_seed(tmp_path, teacher_checkpoint, aggregation):
+    firsts = []
+    for method in ("vanilla", "dfa"):
+        def grab(step, method=method):
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(TrainingInterrupted):
+            run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, method, method=method, lr=0.0,
+                                       weight_decay=0.0), on_step=grab)
+        firsts.append(_weights(tmp_path / method / "last.pt"))
+    for key, value in firsts[0].items():
+        if key.endswith("num_batches_tracked") or "running" in key:
+            continue  # BN statistics see one batch either way but that is not the initial value
+        assert torch.equal(value, firsts[1][key]), key
+
+
+def test_fused_and_reference_runs_log_the_same_losses(tmp_path, teacher_checkpoint, aggregation):
+    rows = []
+    for kernels in ("fused", "reference"):
+        run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, kernels, kernels=kernels, epochs=1))
+        header, values = (tmp_path / kernels / "metrics.csv").read_text().splitlines()[:2]
+        rows.append(dict(zip(header.split(","), map(float, values.split(",")))))
+    for key in ("train_ce", "train_fd", "train_top1", "test_loss"):
+        assert math.isclose(rows[0][key], rows[1][key], rel_tol=1e-3, abs_tol=1e-4), key
+
+
+def test_interrupted_distillation_resumes_to_the_uninterrupted_weights(tmp_path, teacher_checkpoint, aggregation):
+    whole = run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, "whole"))
+
+    def interrupt(step):
+        if step == 30:  # in the second epoch (22 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, "parts"), on_step=interrupt)
+    resumed = run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, "parts"))
+    assert resumed.last_top1 == whole.last_top1
+    for name in ("model", "distiller"):
+        a = load_checkpoint(tmp_path / "whole" / "last.pt")[name]
+        b = load_checkpoint(tmp_path / "parts" / "last.pt")[name]
+        a, b = (a.get("state_dict", a), b.get("state_dict", b))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
+def test_distilled_student_can_teach(tmp_path, teacher_checkpoint, aggregation):
+    run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, "first", method="kd", epochs=1))
+    result = run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, "second", method="kd", epochs=1,
+                                        teacher=str(tmp_path / "first" / "best.pt")))
+    assert result.epochs == 1
+
+
+def test_warm_start_takes_the_search_student(tmp_path, teacher_checkpoint, aggregation):
+    search_last = os.path.join(os.path.dirname(aggregation), "last.pt")
+    saved = load_checkpoint(search_last)
+    config = distill_config(tmp_path, teacher_checkpoint, aggregation, warm_start=search_last, lr=0.0,
+                            weight_decay=0.0, epochs=1)
+    run_distill(config)
+    trained = _weights(tmp_path / "run" / "last.pt")
+    for key, value in saved["student"]["state_dict"].items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(trained[key], value), key
+    with pytest.raises(ConfigError, match="resnet8"):
+        run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, "other", warm_start=search_last,
+                                   student="resnet14"))
+
+
+# ---- errors a user can cause ------------------------------------------------------------------
+
+def _teacher_file(tmp_path, name, arch="resnet14", in_channels=1, seed=1):
+    torch.manual_seed(seed)
+    model = models.create(arch, num_classes=10, in_channels=in_channels)
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, {"kind": "teacher", "model": model_record(model, arch, 10, in_channels)})
+    return str(path)
+
+
+def test_aggregation_from_another_teacher_is_refused(tmp_path, teacher_checkpoint, aggregation):
+    deeper = _teacher_file(tmp_path, "deeper", "resnet20")
+    with pytest.raises(ConfigError, match="was made for a teacher with 3 groups of \\[2, 2, 2\\] layers"):
+        run_distill(distill_config(tmp_path, deeper, aggregation))
+    retrained = _teacher_file(tmp_path, "retrained")  # same layers, other weights
+    with pytest.raises(ConfigError, match="no-check-teacher-hash"):
+        run_distill(distill_config(tmp_path, retrained, aggregation))
+    run_distill(distill_config(tmp_path, retrained, aggregation, epochs=1, check_teacher_hash=False))
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(method="kd", teacher=None), ConfigError, "teacher is required by --method kd"),
+    (dict(aggregation=None), ConfigError, "aggregation is required by --method dfa"),
+    (dict(method="magic"), ConfigError, "method must be one of"),
+    (dict(kd_weight=1.5), ConfigError, "kd_weight"),
+    (dict(student="resnet9"), ModelError, "resnet9"),
+    (dict(student="torchvision:resnet18"), ModelError, "cannot pair"),
+    (dict(stage_weights=(1.0,)), ConfigError, "stage_weights has 1 values"),
+])
+def test_bad_options_are_named(tmp_path, teacher_checkpoint, aggregation, overrides, error, message):
+    with pytest.raises(error, match=message):
+        run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, **overrides))
+
+
+def test_vanilla_needs_no_teacher(tmp_path):
+    result = run_distill(DistillConfig(method="vanilla", student="resnet8", data="digits", epochs=1, batch_size=64,
+                                       progress=False, tensorboard=False, out=str(tmp_path / "v")))
+    assert result.epochs == 1
+
+
+def test_corrupt_and_wrong_kind_checkpoints_are_refused(tmp_path, teacher_checkpoint, aggregation):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        run_distill(distill_config(tmp_path, str(broken), aggregation))
+    search_last = os.path.join(os.path.dirname(aggregation), "last.pt")
+    with pytest.raises(CheckpointError, match="'search' checkpoint; expected teacher or distill"):
+        run_distill(distill_config(tmp_path, search_last, aggregation))

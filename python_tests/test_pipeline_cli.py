@@ -1,0 +1,145 @@
+"""The ``dfa`` command end to end: the demo pipeline at a tiny size, ``distill`` and ``evaluate``,
+and the one-line errors a user can cause."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dfa_ext import models
+from dfa_ext.cli import main as dfa_main
+from dfa_ext.data import load_data
+from dfa_ext.training import model_from_checkpoint
+from dfa_ext.training.checkpoint import model_record, save_checkpoint
+from dfa_ext.training.evaluate import evaluate
+
+METHODS = ("vanilla", "kd", "ofd", "dfa")
+TINY_DEMO = ["--teacher", "resnet14", "--teacher-epochs", "1", "--search-steps-per-group", "2",
+             "--distill-epochs", "1", "--seeds", "0", "1", "--batch-size", "64", "--no-progress", "--no-tensorboard"]
+
+
+def _dfa(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The console entry point as a user runs it (a fresh process, 2 threads)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "dfa_ext", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`dfa demo` on the bundled MNIST digits, every stage at a tiny size."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    done = _dfa("demo", "--out", str(out), *TINY_DEMO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_demo_writes_the_table_of_every_method(demo):
+    out, stdout = demo
+    for name in ("results.md", "results.csv", "runs.csv", "alpha.png", "teacher/last.pt", "search/search.json"):
+        assert (out / name).is_file(), name
+    assert (out / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert table in stdout
+    for method in METHODS:
+        assert f"| {method} | 2 |" in table
+    summary = list(csv.DictReader((out / "results.csv").open()))
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert [row["method"] for row in summary] == list(METHODS)
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in METHODS for s in ("0", "1"))
+    for row in summary:  # the summary is the mean and sample std of the runs
+        top1 = torch.tensor([float(r["last_top1"]) for r in runs if r["method"] == row["method"]], dtype=torch.float64)
+        assert float(row["top1_mean"]) == pytest.approx(top1.mean().item())
+        assert float(row["top1_std"]) == pytest.approx(top1.std().item())
+    for method in METHODS:
+        for seed in (0, 1):
+            student = model_from_checkpoint(out / "distill" / method / f"seed{seed}" / "last.pt")
+            assert student.model_name == "resnet8"
+
+
+def test_finished_demo_only_reprints_its_table(demo, tmp_path):
+    out, _ = demo
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")}
+    again = _dfa("demo", "--out", str(out), *TINY_DEMO)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "results.md").read_text() in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")} == before  # nothing trained again
+
+
+def test_evaluate_prints_the_numbers_of_the_checkpoint(demo, capsys):
+    out, _ = demo
+    checkpoint = out / "distill" / "dfa" / "seed0" / "best.pt"
+    assert dfa_main(["evaluate", str(checkpoint), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    want = evaluate(model_from_checkpoint(checkpoint), load_data("mnist").test)
+    assert printed["data"] == "mnist" and printed["samples"] == 1000 and printed["kind"] == "distill"
+    for key in ("top1", "top5", "loss"):
+        assert printed[key] == pytest.approx(want[key])
+    assert dfa_main(["evaluate", str(out / "teacher" / "last.pt")]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert dfa_main(["evaluate", str(out / "search" / "last.pt"), "--json"]) == 0  # the search's student
+    assert json.loads(capsys.readouterr().out)["model"] == "resnet8"
+
+
+def _teacher(tmp_path, name, arch="resnet20", in_channels=1):
+    model = models.create(arch, num_classes=10, in_channels=in_channels)
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, {"kind": "teacher", "model": model_record(model, arch, 10, in_channels)})
+    return str(path)
+
+
+def test_distill_command_and_its_user_errors(demo, tmp_path, capsys):
+    out, _ = demo
+    teacher, aggregation = str(out / "teacher" / "last.pt"), str(out / "search" / "search.json")
+    run = ["distill", "--data", "digits", "--epochs", "1", "--no-progress", "--no-tensorboard"]
+    assert dfa_main([*run, "--teacher", teacher, "--aggregation", aggregation, "--out", str(tmp_path / "ok")]) == 0
+    assert "distill dfa: resnet8 on digits: best test top-1" in capsys.readouterr().out
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00" * 100)
+    wrong_channels = _teacher(tmp_path, "rgb", in_channels=3)
+    cases = [
+        (["--teacher", str(tmp_path / "missing.pt"), "--aggregation", aggregation], "checkpoint not found"),
+        (["--teacher", teacher, "--aggregation", str(tmp_path / "missing.json")], "search result not found"),
+        (["--teacher", teacher, "--aggregation", aggregation, "--student", "mobilenet"], "unknown model 'mobilenet'"),
+        (["--teacher", teacher, "--aggregation", aggregation, "--student", "torchvision:resnet18"], "cannot pair"),
+        (["--teacher", _teacher(tmp_path, "deep", "resnet20"), "--aggregation", aggregation],
+         "was made for a teacher"),
+        (["--teacher", str(broken), "--aggregation", aggregation], "corrupt"),
+        (["--teacher", wrong_channels, "--method", "kd"], "3 input channels"),
+        (["--method", "kd"], "teacher is required"),
+        (["--teacher", teacher], "aggregation is required"),
+    ]
+    for argv, message in cases:
+        code = dfa_main([*run, "--out", str(tmp_path / "bad"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    for argv, message in [([str(broken)], "corrupt"), ([str(tmp_path / "none.pt")], "checkpoint not found"),
+                          ([teacher, "--data", "imagefolder", "--data-dir", str(tmp_path / "no")], "no")]:
+        code = dfa_main(["evaluate", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_user_error_from_the_real_entry_point_has_no_traceback(tmp_path):
+    done = _dfa("distill", "--teacher", str(tmp_path / "missing.pt"), "--method", "kd", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("dfa: error: checkpoint not found") and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["distill", "evaluate", "demo"])
+def test_help_explains_every_option_with_its_default(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        dfa_main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config FILE" in text
+    if command != "evaluate":
+        assert "--seed" in text and "(default: 0)" in text
+    assert text.count("(default:") >= 5
