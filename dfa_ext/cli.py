@@ -9,7 +9,9 @@ after saving its checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import sys
 import typing
 from typing import Any, Callable, Sequence
@@ -180,12 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one subcommand. Under ``torchrun`` every process runs it; they join one process group
+    first, and only rank 0 prints results (errors are printed by every process that has one)."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
+    from .training import distributed
     from .training.interrupt import TrainingInterrupted
 
     try:
-        return namespace.handler(namespace)
+        context = distributed.init_from_env(getattr(namespace, "device", "auto"))
+        quiet = contextlib.nullcontext() if context.is_main else contextlib.redirect_stdout(io.StringIO())
+        with quiet:
+            return namespace.handler(namespace)
     except TrainingInterrupted as stop:
         print(f"dfa: {stop}", file=sys.stderr)
         return 130
@@ -198,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
         print("dfa: aborted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from .kernels_switch import KERNEL_CHOICES
 from .results_table import RunResult, csv_text, markdown_table, summarize
 from .search import SearchConfig, run_search
 from .training.checkpoint import atomic_write_text
+from .training.distributed import current_context
 from .training.run_options import RunOptions
 from .training.teacher import TeacherConfig, train_teacher
 
@@ -60,8 +61,8 @@ class DemoConfig(RunOptions, DataOptions):
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError(f"methods must be among {METHODS}, got {list(self.methods)}")
-        if not self.seeds:
-            raise ConfigError("seeds must name at least one seed")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must name at least one seed, each once, got {list(self.seeds)}")
         for name in ("teacher_epochs", "search_steps_per_group", "distill_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -108,7 +109,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
                                          out=str(out / "search")))
         for group in search.groups:
             _say(f"  group {group.index}: alpha " + " ".join(f"{a:.3f}" for a in group.alpha))
-        shutil.copyfile(out / "search" / "alpha.png", out / "alpha.png")
+        if current_context().is_main:  # under torchrun every process runs the demo; one writes
+            shutil.copyfile(out / "search" / "alpha.png", out / "alpha.png")
 
     runs: list[RunResult] = []
     total = len(config.methods) * len(config.seeds)
@@ -125,9 +127,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
             _say(f"  test top-1 {result.last_top1:.2f}% (best {result.best_top1:.2f}%, {result.seconds:.0f} s)")
 
     table = markdown_table(summarize(runs))
-    atomic_write_text(out / "results.md", table)
-    atomic_write_text(out / "results.csv", csv_text(summarize(runs)))
-    atomic_write_text(out / "runs.csv", csv_text(runs))
+    if current_context().is_main:
+        atomic_write_text(out / "results.md", table)
+        atomic_write_text(out / "results.csv", csv_text(summarize(runs)))
+        atomic_write_text(out / "runs.csv", csv_text(runs))
     seconds = time.perf_counter() - started
     print(f"\n{config.student} distilled from {config.teacher} on {config.data}, {len(config.seeds)} seeds:\n")
     print(table)

@@ -56,3 +56,18 @@ def group_margins(bns: Sequence[nn.Module]) -> Tensor:
         raise ModelError(f"the group's BNs have different channel counts {channels}; "
                          "margins of one group must share C")
     return torch.stack(rows)
+
+
+def teacher_margins(teacher: nn.Module, input_shape: tuple[int, int, int]) -> list[Tensor]:
+    """Per layer group of a tapped ``teacher``, its [K, C] margins (one probe forward of two zero
+    images of ``input_shape`` on the teacher's device, in eval mode, under no_grad)."""
+    param = next(teacher.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            groups = teacher(torch.zeros(2, *input_shape, device=device), features=True).groups
+    finally:
+        teacher.train(was_training)
+    return [group_margins(g.bns) for g in groups]

@@ -292,6 +292,10 @@ def test_warm_start_takes_the_search_student(tmp_path, teacher_checkpoint, aggre
     for key, value in saved["student"]["state_dict"].items():
         if "running" not in key and "num_batches" not in key:
             assert torch.equal(trained[key], value), key
+    connectors = load_checkpoint(tmp_path / "run" / "last.pt")["distiller"]
+    searched = {k: v for k, v in saved["net"].items() if k.startswith("st_connectors.")}
+    assert searched and all(torch.equal(connectors[k], v) for k, v in searched.items()
+                            if "running" not in k and "num_batches" not in k)
     with pytest.raises(ConfigError, match="resnet8"):
         run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, "other", warm_start=search_last,
                                    student="resnet14"))
@@ -329,6 +333,23 @@ def test_aggregation_from_another_teacher_is_refused(tmp_path, teacher_checkpoin
 def test_bad_options_are_named(tmp_path, teacher_checkpoint, aggregation, overrides, error, message):
     with pytest.raises(error, match=message):
         run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, **overrides))
+
+
+def test_python_api_takes_a_teacher_network(tmp_path, teacher_checkpoint, aggregation):
+    teacher = model_from_checkpoint(teacher_checkpoint)
+    for method in ("kd", "dfa"):
+        config = distill_config(tmp_path, None, aggregation, method, method=method, epochs=1)
+        result = run_distill(config, teacher=teacher)
+        assert result.epochs == 1
+
+
+def test_a_refused_run_leaves_the_folder_as_it_was(tmp_path, teacher_checkpoint, aggregation):
+    run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, method="kd", epochs=1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    for overrides in (dict(method="ofd"), dict(kd_temperature=2.0), dict(gamma_fd=1.0, method="ofd")):
+        with pytest.raises(CheckpointError, match="different run"):
+            run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, **{"epochs": 1, **overrides}))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
 
 
 def test_vanilla_needs_no_teacher(tmp_path):

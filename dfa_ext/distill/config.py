@@ -44,13 +44,10 @@ class DistillConfig(LoopConfig, DataOptions):
     kernels: str = option("fused", "DFA ops: fused kernels or the pure-PyTorch reference", choices=KERNEL_CHOICES)
     out: str = option("runs/distill", "output folder (checkpoints, metrics.csv, config.json)")
 
-    def validate(self, teacher_given: bool = False) -> None:
+    def validate(self) -> None:
         super().validate()
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method != "vanilla" and not (self.teacher or teacher_given):
-            raise ConfigError(f"teacher is required by --method {self.method}: the checkpoint written by "
-                              "dfa train-teacher")
         if self.method == "dfa" and not self.aggregation:
             raise ConfigError("aggregation is required by --method dfa: the search.json written by dfa search")
         if self.kernels not in KERNEL_CHOICES:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError
 from ..kernels_switch import dfa_ops
 from ..losses import cross_entropy, kd_loss
 from ..models import GroupPair, TappedNetwork
@@ -51,11 +52,14 @@ class Distiller(TrainingTask):
         return {"model": model_record(self.classifier, **self._record), "distiller": self._own_state()}
 
     def import_state(self, state: dict) -> None:
-        self.classifier.load_state_dict(state["model"]["state_dict"])
-        missing, unexpected = self.load_state_dict(state["distiller"], strict=False)
+        try:
+            self.classifier.load_state_dict(state["model"]["state_dict"])
+            missing, unexpected = self.load_state_dict(state["distiller"], strict=False)
+        except (KeyError, RuntimeError) as error:
+            raise CheckpointError(f"the checkpoint does not fit this run: {str(error).splitlines()[0][:300]}") from None
         missing = [k for k in missing if not k.startswith(("teacher.", "classifier."))]
         if missing or unexpected:
-            raise RuntimeError(f"distiller state does not match: missing {missing}, unexpected {unexpected}")
+            raise CheckpointError(f"the checkpoint does not fit this run: missing {missing}, unexpected {unexpected}")
 
 
 class VanillaDistiller(Distiller):
@@ -109,6 +113,7 @@ class FeatureDistiller(Distiller):
             self.register_buffer(f"beta_{i}", target.beta.detach().float().clone())
             self.register_buffer(f"margins_{i}", group_margins[list(target.layers)].detach().float().clone())
         self.weights, self.gamma_fd, self.kernels = list(weights), gamma_fd, kernels
+        self.has_unused_parameters = any(w == 0 for w in self.weights)  # skipped groups' connectors
         dfa_ops(kernels)  # an unknown name fails here, not at the first step
 
     def aggregation(self) -> list[dict]:

@@ -7,6 +7,7 @@ runs the same ``partial_l2`` op; OFD then reads one teacher map per group instea
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,6 +55,10 @@ def group_targets(method: str, pairs: Sequence[GroupPair], *, search: SearchResu
     elif method == "dfa":
         if search is None:
             raise ConfigError("method dfa needs the search result (--aggregation)")
+        unsearched = [g.index for g in search.groups if not g.searched]
+        if unsearched:  # a `dfa search --groups ...` run: those groups keep their initial beta
+            warnings.warn(f"the aggregation file has groups {unsearched} that were not searched; they keep "
+                          "their initial beta (uniform alpha unless --beta-init-std was set)", stacklevel=2)
         betas = search.betas()
     else:
         raise ConfigError(f"{method!r} is not a feature-distillation method")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,16 +13,25 @@ from .. import models
 from ..config import config_dict
 from ..data import DataBundle, DataSpec
 from ..errors import CheckpointError, ConfigError
-from ..margins import group_margins
+from ..margins import teacher_margins
 from ..search.result import file_sha256, load_search_result
-from ..training.checkpoint import atomic_write_text, load_checkpoint
-from ..training.distributed import current_context
+from ..training.checkpoint import load_checkpoint
 from ..training.loop import FitResult, fit
 from ..training.seeding import seed_everything
 from ..training.teacher import freeze, load_teacher
 from .config import DistillConfig
 from .distillers import Distiller, FeatureDistiller, KDDistiller, VanillaDistiller
 from .targets import group_targets, stage_weights
+
+
+@dataclass
+class DistillRun:
+    """What :func:`fit` needs for one distillation run (see :func:`prepare_distill`)."""
+
+    distiller: Distiller
+    data: DataBundle
+    signature: dict
+    extra_state: dict
 
 
 def run_distill(config: DistillConfig, *, teacher: models.TappedNetwork | None = None,
@@ -36,7 +45,19 @@ def run_distill(config: DistillConfig, *, teacher: models.TappedNetwork | None =
         data: a dataset bundle to use instead of ``config.data``.
         on_step: called with the global step after each optimiser step.
     """
-    config.validate(teacher_given=teacher is not None)
+    run = prepare_distill(config, teacher=teacher, data=data)
+    return fit(run.distiller, run.data, config, config.out, kind="distill", signature=run.signature,
+               extra_state=run.extra_state, on_step=on_step, settings=run.extra_state["config"])
+
+
+def prepare_distill(config: DistillConfig, *, teacher: models.TappedNetwork | None = None,
+                    data: DataBundle | None = None) -> DistillRun:
+    """Builds the distiller of ``config`` (fresh seeded student, frozen teacher, connectors) and
+    writes ``config.json``; :func:`run_distill` then trains it."""
+    config.validate()
+    if config.method != "vanilla" and teacher is None and not config.teacher:
+        raise ConfigError(f"teacher is required by --method {config.method}: the checkpoint written by "
+                          "dfa train-teacher")
     with torch.device("meta"):  # a bad student name or argument fails now, before data loading
         models.create(config.student, **config.student_options)
     data = data or config.load(config.seed)
@@ -55,19 +76,18 @@ def run_distill(config: DistillConfig, *, teacher: models.TappedNetwork | None =
     record = {"name": config.student, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
               "kwargs": dict(config.student_options)}
     distiller = _make_distiller(config, student, teacher, record, spec, teacher_info)
-    if config.warm_start:
+    if config.warm_start and not (Path(config.out) / "last.pt").is_file():  # a resumed run has its own weights
         _warm_start(distiller, config.warm_start, config.student)
 
-    out = Path(config.out)
     settings = config_dict(config)
-    if current_context().is_main:
-        atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
-    signature = {"method": config.method, "student": config.student, "student_options": dict(config.student_options),
-                 "teacher": teacher_info, "data": config.data, "seed": config.seed, "batch_size": config.batch_size,
-                 "aggregation": distiller.aggregation() if isinstance(distiller, FeatureDistiller) else []}
-    return fit(distiller, data, config, out, kind="distill", signature=signature,
-               extra_state={"config": settings, "data_spec": config_dict(spec), "method": config.method},
-               on_step=on_step)
+    # What must not change when a run resumes: everything that defines its losses and data.
+    signature = {key: settings[key] for key in (
+        "method", "student", "student_options", "data", "data_options", "augment", "seed", "batch_size",
+        "gamma_fd", "stage_weights", "kd_temperature", "kd_weight")}
+    signature.update(teacher=teacher_info,
+                     aggregation=distiller.aggregation() if isinstance(distiller, FeatureDistiller) else [])
+    return DistillRun(distiller, data, signature,
+                      {"config": settings, "data_spec": config_dict(spec), "method": config.method})
 
 
 def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teacher: nn.Module | None,
@@ -88,10 +108,8 @@ def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teache
                               "pass that teacher, or --no-check-teacher-hash to use it anyway")
     targets = group_targets(config.method, pairs, search=search, random_std=config.random_std,
                             aggregation_seed=config.aggregation_seed)
-    with torch.no_grad():
-        bns = [g.bns for g in teacher(torch.zeros(2, *input_shape), features=True).groups]
     return FeatureDistiller(student, teacher, record, pairs=pairs, targets=targets,
-                            margins=[group_margins(b) for b in bns],
+                            margins=teacher_margins(teacher, input_shape),
                             weights=stage_weights(len(pairs), config.stage_weights),
                             gamma_fd=config.gamma_fd, kernels=config.kernels)
 
@@ -99,9 +117,11 @@ def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teache
 def _warm_start(distiller: Distiller, path: str, student_name: str) -> None:
     """Student weights (and, for feature methods, the ST connectors) from a search checkpoint."""
     state = load_checkpoint(path, kind="search")
+    if not isinstance(state.get("student"), dict) or "net" not in state:
+        raise CheckpointError(f"warm_start {path} lacks the search's student or connectors")
     saved = state["student"]
-    if saved["name"] != student_name:
-        raise ConfigError(f"warm_start {path} holds a {saved['name']!r} student; this run trains {student_name!r}")
+    if saved.get("name") != student_name:
+        raise ConfigError(f"warm_start {path} holds a {saved.get('name')!r} student; this run trains {student_name!r}")
     try:
         distiller.classifier.load_state_dict(saved["state_dict"])
         if isinstance(distiller, FeatureDistiller):

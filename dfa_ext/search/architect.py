@@ -7,9 +7,10 @@ L_val(w', beta) with w' = w - xi * (the weight optimiser's next step direction),
 
 with v = grad_w' L_val(w') and eps = 0.01 / |v| (central finite differences for the mixed
 Hessian-vector product). Every evaluation runs the bare network (never a DDP wrapper, so no
-gradient synchronisation hook fires; under several processes only the beta gradient is
-averaged) with ``torch.autograd.grad`` (the weights' ``.grad`` stay untouched), and restores
-the weights and BN running statistics afterwards, bit for bit.
+gradient synchronisation hook fires) with ``torch.autograd.grad`` (the weights' ``.grad`` stay
+untouched), and restores the weights and BN running statistics afterwards, bit for bit. Under
+several processes the architect averages explicitly what the global batch needs: the weight
+gradient that unrolls w, v, and the final beta gradient; every process then holds the same beta.
 """
 
 from __future__ import annotations
@@ -111,10 +112,12 @@ class Architect:
         w = [p.detach().clone() for p in params]
         with self._weights_at():
             g_train = self._grad(self._loss(train, group, beta.detach(), train=True), params)
+        self.dist.average_(g_train)  # the global batch's gradient: every process unrolls to the same w'
         unrolled = [p - xi * d for p, d in zip(w, sgd_step_direction(weight_optimizer, params, g_train))]
         with self._weights_at(unrolled):
             grads = self._grad(self._loss(val, group, beta, train=False), [beta, *params])
         d_beta, v = grads[0], grads[1:]
+        self.dist.average_(v)  # the same v (and eps) everywhere; d_beta is averaged in step()
         eps = self.fd_radius / torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
         shifted = []
         for sign in (1.0, -1.0):

@@ -22,9 +22,9 @@ from ..data import DataBundle
 from ..data.loader import batch_stream
 from ..data.split import split_train_val
 from ..errors import ConfigError
-from ..margins import group_margins
+from ..margins import teacher_margins
 from ..training.checkpoint import (atomic_write_text, check_same_run, load_checkpoint, model_record, save_checkpoint)
-from ..training.distributed import current_context
+from ..training.distributed import current_context, wrap_ddp
 from ..training.interrupt import InterruptGuard, TrainingInterrupted, stop_requested
 from ..training.optim_step import optimizer_step
 from ..training.progress import progress_bar
@@ -76,8 +76,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     groups = list(config.groups) or list(range(len(pairs)))
     if any(not 0 <= g < len(pairs) for g in groups) or len(set(groups)) != len(groups):
         raise ConfigError(f"groups must be distinct indices in 0..{len(pairs) - 1}, got {list(config.groups)}")
-    teacher_bns = [g.bns for g in teacher(torch.zeros(2, *input_shape), features=True).groups]
-    margins = [group_margins(bns) for bns in teacher_bns] if config.objective == "distill" or config.ts_margins else None
+    margins = teacher_margins(teacher, input_shape) if config.objective == "distill" or config.ts_margins else None
     net = SearchNetwork(student, pairs, kernels=config.kernels, objective=config.objective, gamma_st=config.gamma_st,
                         gamma_ts=config.gamma_ts, gamma_fd=config.gamma_fd, margins=margins,
                         ts_margins=config.ts_margins)
@@ -103,7 +102,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                           weight_decay=config.arch_weight_decay, second_order=config.order == "second",
                           fd_radius=config.fd_radius, autocast=autocast, dist=dist)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    ddp_net = _wrap_ddp(net, device, dist)
+    # Only one group's connectors take part in a step, hence find_unused_parameters.
+    ddp_net = wrap_ddp(net, device, dist, sync_bn=config.sync_bn, find_unused_parameters=True)
 
     settings = config_dict(config)
     signature = {"teacher": teacher_record["name"], "student": config.student, "data": config.data,
@@ -230,13 +230,3 @@ def _tensorboard(out: Path, wanted: bool | None, step: int):
             raise
         return None
     return SummaryWriter(str(out / "tensorboard"), purge_step=step)
-
-
-def _wrap_ddp(net: nn.Module, device: torch.device, dist) -> nn.Module:
-    if not dist.active:
-        return net
-    from torch.nn.parallel import DistributedDataParallel
-
-    # Only one group's connectors take part in a step, hence find_unused_parameters.
-    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)

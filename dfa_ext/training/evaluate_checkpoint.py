@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import option
 from ..data import load_data
+from ..data.registry import DEFAULT_DATASET
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluate import evaluate
@@ -46,7 +47,7 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     trained = state.get("config", {})
     name, data_dir, options = config.data, config.data_dir, dict(config.data_options)
     if name is None:  # the training dataset; a given folder or options still win
-        name = trained.get("data", "mnist")
+        name = trained.get("data", DEFAULT_DATASET)
         data_dir = data_dir if data_dir is not None else trained.get("data_dir")
         options = options or dict(trained.get("data_options") or {})
     bundle = load_data(name, data_dir, augment=False, **options)

@@ -9,6 +9,7 @@ interrupted and resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from ..config import option
 from ..data import DataBundle
 from ..data.loader import make_loader
 from ..errors import ConfigError
-from .checkpoint import check_same_run, load_checkpoint, save_checkpoint
-from .distributed import DistContext, current_context
+from .checkpoint import atomic_write_text, check_same_run, load_checkpoint, save_checkpoint
+from .distributed import DistContext, current_context, wrap_ddp
 from .evaluate import correct_at_k, evaluate
 from .interrupt import InterruptGuard, TrainingInterrupted, stop_requested
 from .metrics_log import MetricsLog
@@ -73,6 +74,9 @@ class TrainingTask(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the classifier's logits [B, classes] and the named scalar losses (summed to train)."""
         raise NotImplementedError
+
+    # Whether some trainable parameters may get no gradient in a step (DDP must then look for them).
+    has_unused_parameters: bool = False
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
@@ -139,7 +143,8 @@ class EpochSums:
 
 def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str | Path, *,
         kind: str, signature: dict, extra_state: dict | None = None,
-        on_step: Callable[[int], Any] | None = None, dist: DistContext | None = None) -> FitResult:
+        on_step: Callable[[int], Any] | None = None, dist: DistContext | None = None,
+        settings: dict | None = None) -> FitResult:
     """Trains ``task`` on ``data.train``, evaluating on ``data.test`` after each epoch.
 
     Files in ``out_dir`` (written by the main process only, atomically):
@@ -153,6 +158,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         extra_state: more entries for every checkpoint (e.g. the run configuration).
         on_step: called with the global step after each optimiser step (tests use it to send
             an interrupt).
+        settings: the run configuration, written to ``config.json`` once the run is known to be
+            new or the same as the one in ``out_dir`` (a refused run overwrites nothing).
     Raises:
         TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is saved.
     """
@@ -169,6 +176,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
 
     memory_format = config.memory_format
     task.to(device, memory_format=memory_format)
+    model = wrap_ddp(task, device, dist, sync_bn=config.sync_bn,
+                     find_unused_parameters=task.has_unused_parameters)  # what the steps run
     optimizer = make_sgd(task.trainable_parameters(), lr=config.lr, momentum=config.momentum,
                          nesterov=config.nesterov, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -179,7 +188,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     schedule = LrSchedule(config.lr, steps_per_epoch * config.epochs, config.schedule, config.milestones,
                           config.lr_gamma, round(config.warmup_epochs * steps_per_epoch))
 
-    epoch, start_batch, step, best_top1, sums = 0, 0, 0, -math.inf, None
+    epoch, start_batch, step, best_top1, sums, elapsed = 0, 0, 0, -math.inf, None, 0.0
     if last_path.is_file():
         if not config.resume:
             raise ConfigError(f"{out} already holds a run (last.pt); resume it (drop --no-resume) "
@@ -191,7 +200,9 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        best_top1, sums = state["best_top1"], state.get("epoch_sums")
+        best_top1, sums, elapsed = state["best_top1"], state.get("epoch_sums"), state.get("seconds", 0.0)
+    if settings is not None and dist.is_main:
+        atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
 
     def checkpoint(next_epoch: int, next_batch: int, epoch_sums: dict | None) -> None:
         if dist.is_main:
@@ -199,11 +210,16 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                 "kind": kind, "signature": signature, **(extra_state or {}), **task.export_state(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 "epoch": next_epoch, "batch": next_batch, "step": step, "best_top1": best_top1,
-                "epoch_sums": epoch_sums})
+                "epoch_sums": epoch_sums, "seconds": seconds()})
         dist.barrier()
 
     log = MetricsLog(out, start_epoch=epoch, tensorboard=config.tensorboard, enabled=dist.is_main)
-    started = time.perf_counter()
+    started, first_step = time.perf_counter(), step
+
+    def seconds() -> float:
+        """Training time of the whole run, earlier sessions included (not a finished run's re-check)."""
+        return elapsed + (time.perf_counter() - started if step > first_step else 0.0)
+
     last_metrics = {"top1": math.nan, "top5": math.nan}
     try:
         with InterruptGuard() as guard:
@@ -222,7 +238,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                     images = images.to(device, non_blocking=True, memory_format=memory_format)
                     labels = labels.to(device, non_blocking=True)
                     with autocast:
-                        logits, losses = task(images, labels)
+                        logits, losses = model(images, labels)
                     loss = sum(losses.values())
                     optimizer_step(loss, optimizer, scaler, task.trainable_parameters(), config.grad_clip)
                     step, batch = step + 1, batch + 1
@@ -252,7 +268,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                 best_top1 = max(best_top1, test["top1"])
                 epoch, start_batch, sums = epoch + 1, 0, None
                 metrics = {**train, **{f"test_{k}": v for k, v in test.items()}, "lr": lr,
-                           "seconds": time.perf_counter() - started}
+                           "seconds": seconds()}
                 if improved and dist.is_main:
                     save_checkpoint(best_path, {"kind": kind, "signature": signature, **(extra_state or {}),
                                                 **task.export_state(), "epoch": epoch, "metrics": metrics})
@@ -267,5 +283,4 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     if math.isnan(last_metrics["top1"]):  # the run was already complete: report its saved numbers
         last_metrics = evaluate(task.classifier, data.test, batch_size=config.eval_batch_size,
                                 device=device, autocast=autocast, dist=dist, memory_format=memory_format)
-    return FitResult(best_top1, last_metrics["top1"], last_metrics["top5"], epoch,
-                     time.perf_counter() - started, out)
+    return FitResult(best_top1, last_metrics["top1"], last_metrics["top5"], epoch, seconds(), out)

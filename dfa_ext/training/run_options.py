@@ -27,6 +27,8 @@ class RunOptions:
     resume: bool = option(True, "resume from OUT/last.pt when it exists")
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool | None = option(None, "TensorBoard logs in OUT/tensorboard (default: when installed)")
+    sync_bn: bool = option(False, "under several processes, BatchNorm statistics over the global batch (as one "
+                           "process would compute them) instead of each process's share")
 
     def validate(self) -> None:
         if self.amp not in AMP_CHOICES:
@@ -42,13 +44,15 @@ class RunOptions:
 def resolve_device(name: str) -> torch.device:
     """The device an option names ("auto": the GPU when one is visible)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is visible")
+    if device.type == "cuda" and device.index is None:  # under torchrun: this process's GPU (LOCAL_RANK)
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

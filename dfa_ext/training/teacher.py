@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,8 +14,7 @@ from ..config import config_dict, option
 from ..losses import cross_entropy
 from ..data.options import DataOptions
 from ..errors import ConfigError
-from .checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint, model_record
-from .distributed import current_context
+from .checkpoint import load_checkpoint, model_from_checkpoint, model_record
 from .loop import FitResult, LoopConfig, TrainingTask, fit
 from .seeding import seed_everything
 
@@ -74,12 +72,10 @@ def train_teacher(config: TeacherConfig, *, on_step: Callable[[int], Any] | None
               "kwargs": dict(config.model_options)}
     out = Path(config.out)
     settings = config_dict(config)
-    if current_context().is_main:
-        atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
     signature = {"model": config.model, "model_options": dict(config.model_options), "data": config.data,
                  "seed": config.seed, "batch_size": config.batch_size}
     return fit(ClassifierTask(model, record), data, config, out, kind="teacher", signature=signature,
-               extra_state={"config": settings, "data_spec": config_dict(spec)}, on_step=on_step)
+               extra_state={"config": settings, "data_spec": config_dict(spec)}, on_step=on_step, settings=settings)
 
 
 def load_teacher(path: str, spec) -> tuple[models.TappedNetwork, dict]:
