@@ -103,9 +103,20 @@ def _teacher(tmp_path, name, arch="resnet20", in_channels=1):
 def test_distill_command_and_its_user_errors(demo, tmp_path, capsys):
     out, _ = demo
     teacher, aggregation = str(out / "teacher" / "last.pt"), str(out / "search" / "search.json")
-    run = ["distill", "--data", "digits", "--epochs", "1", "--no-progress", "--no-tensorboard"]
+    # The demo's MNIST teacher on the 8x8 digits keeps these runs short; it is refused unless asked for.
+    run = ["distill", "--data", "digits", "--epochs", "1", "--no-progress", "--no-tensorboard", "--no-check-teacher-data"]
     assert dfa_main([*run, "--teacher", teacher, "--aggregation", aggregation, "--out", str(tmp_path / "ok")]) == 0
     assert "distill dfa: resnet8 on digits: best test top-1" in capsys.readouterr().out
+    checked = [a for a in run if a != "--no-check-teacher-data"]
+    code = dfa_main([*checked, "--method", "kd", "--teacher", teacher, "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "was trained on 'mnist' (28px images); this run uses 'digits' (8px)" in err, err
+    relabelled = tmp_path / "search_on_digits.json"
+    relabelled.write_text(json.dumps({**json.loads(open(aggregation).read()), "data": "digits"}))
+    code = dfa_main([*checked, "--data", "mnist", "--teacher", teacher, "--aggregation", str(relabelled),
+                     "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "was searched on 'digits'; this run uses 'mnist'" in err and err.count("\n") == 1, err
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"\x00" * 100)
     wrong_channels = _teacher(tmp_path, "rgb", in_channels=3)

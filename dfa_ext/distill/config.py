@@ -31,6 +31,7 @@ class DistillConfig(LoopConfig, DataOptions):
     aggregation: str | None = option(None, "search result of dfa search (search.json); needed by --method dfa")
     check_teacher_hash: bool = option(True, "refuse an aggregation searched with another teacher checkpoint "
                                       "file (same layers, other weights)")
+    check_teacher_data: bool = option(True, "refuse a teacher trained, or an aggregation searched, on another dataset or image size")
     gamma_fd: float = option(1e-3, "weight of the partial-L2 feature loss (on its per-sample sum)")
     stage_weights: tuple[float, ...] = option((), "weight of each group's feature loss (default OFD's "
                                               "1/2^(G-1-i): 1 for the last group, halving towards the input)")

@@ -65,7 +65,7 @@ def prepare_distill(config: DistillConfig, *, teacher: models.TappedNetwork | No
     teacher_info: dict[str, Any] = {}
     if config.method != "vanilla":
         if teacher is None:
-            teacher, record = load_teacher(config.teacher, spec)
+            teacher, record = load_teacher(config.teacher, spec, check_data=config.check_teacher_data)
             teacher_info = {"model": record["name"], "sha256": file_sha256(config.teacher)}
         else:
             teacher = freeze(teacher)
@@ -101,6 +101,9 @@ def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teache
     search = None
     if config.method == "dfa":
         search = load_search_result(config.aggregation, teacher=teacher, input_shape=input_shape)
+        if config.check_teacher_data and search.data != config.data:
+            raise ConfigError(f"{config.aggregation} was searched on {search.data!r}; this run uses {config.data!r}; "
+                              "pass --no-check-teacher-data to use it anyway")
         made_for = search.teacher.get("sha256", "")
         if config.check_teacher_hash and made_for and teacher_info.get("sha256") and made_for != teacher_info["sha256"]:
             raise ConfigError(f"{config.aggregation} was searched with the teacher checkpoint "

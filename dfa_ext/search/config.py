@@ -23,6 +23,7 @@ class SearchConfig(RunOptions, DataOptions):
     student: str = option("resnet8", "student network name")
     student_options: dict = option({}, "extra arguments of the student network, as KEY=VALUE")
     out: str = option("runs/search", "output folder (search.json, alpha.png, alpha_trajectory.csv, checkpoints)")
+    check_teacher_data: bool = option(True, "refuse a teacher trained on another dataset or image size")
     objective: str = option("bridge", "beta objective: bridge (gamma_st*L_ST + gamma_ts*L_TS), st or ts "
                             "(one path only), distill (plain partial-L2 distillation loss, collapses)",
                             choices=OBJECTIVES)

@@ -63,7 +63,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     data = data or config.load(config.seed)
     spec = data.spec
     if teacher is None:
-        teacher, teacher_record = load_teacher(config.teacher, spec)
+        teacher, teacher_record = load_teacher(config.teacher, spec, check_data=config.check_teacher_data)
     else:
         teacher_record = {"name": getattr(teacher, "model_name", type(teacher).__name__),
                           "num_classes": spec.num_classes, "in_channels": spec.in_channels, "kwargs": {}}

@@ -78,8 +78,13 @@ def train_teacher(config: TeacherConfig, *, on_step: Callable[[int], Any] | None
                extra_state={"config": settings, "data_spec": config_dict(spec)}, on_step=on_step, settings=settings)
 
 
-def load_teacher(path: str, spec) -> tuple[models.TappedNetwork, dict]:
-    """The frozen teacher of a checkpoint, checked against the dataset it will see."""
+def load_teacher(path: str, spec, *, check_data: bool = True) -> tuple[models.TappedNetwork, dict]:
+    """The frozen teacher of a checkpoint, checked against the dataset it will see.
+
+    Classes and input channels must match. With ``check_data``, so must the dataset name and image
+    size the teacher was trained on (when the checkpoint records them): its features mean little
+    on other images.
+    """
     state = load_checkpoint(path, kind=("teacher", "distill"))
     teacher = model_from_checkpoint(state)
     record = {k: v for k, v in state["model"].items() if k != "state_dict"}
@@ -87,6 +92,12 @@ def load_teacher(path: str, spec) -> tuple[models.TappedNetwork, dict]:
         raise ConfigError(f"teacher {path} was trained for {record['num_classes']} classes and "
                           f"{record['in_channels']} input channels; dataset {spec.name!r} has "
                           f"{spec.num_classes} classes and {spec.in_channels} channels")
+    trained_on = state.get("data_spec")
+    if check_data and isinstance(trained_on, dict) and (trained_on.get("name"), trained_on.get("image_size")) != (
+            spec.name, spec.image_size):
+        raise ConfigError(f"teacher {path} was trained on {trained_on.get('name')!r} "
+                          f"({trained_on.get('image_size')}px images); this run uses {spec.name!r} "
+                          f"({spec.image_size}px); pass --no-check-teacher-data to use it anyway")
     return freeze(teacher), record
 
 
