@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import dfa_op_seconds, markdown_table, median_time, peak_extra_bytes  # noqa: E402
+from harness import add_network_arguments, dfa_op_seconds, markdown_table, median_time, peak_extra_bytes  # noqa: E402
 
 from dfa_ext import models, reference  # noqa: E402
 from dfa_ext.distill import KDDistiller, VanillaDistiller, distillers, group_targets, stage_weights  # noqa: E402
@@ -71,12 +71,7 @@ def build_step(args, column: str, device: torch.device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--teacher", default="resnet56")
-    parser.add_argument("--student", default="resnet20")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--classes", type=int, default=100)
+    add_network_arguments(parser)
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import dfa_op_seconds, median_time  # noqa: E402
+from harness import add_network_arguments, dfa_op_seconds, median_time  # noqa: E402
 
 from dfa_ext import models, reference  # noqa: E402
 from dfa_ext.search import Architect, Batch, SearchNetwork, network, teacher_features  # noqa: E402
@@ -68,12 +68,7 @@ def build_step(args, kernels: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="resnet56")
-    parser.add_argument("--student", default="resnet20")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--classes", type=int, default=100)
+    add_network_arguments(parser)
     parser.add_argument("--group", type=int, default=0, help="group searched (0 has the largest maps)")
     parser.add_argument("--order", choices=("first", "second"), default="first")
     parser.add_argument("--repeats", type=int, default=10)

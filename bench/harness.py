@@ -6,6 +6,7 @@ each run.  Achieved bandwidth is compared with a device-local copy measured in t
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable, Sequence
@@ -91,3 +92,13 @@ def dfa_op_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
     else:
         total_us = sum(e.self_cpu_time_total for e in events)
     return total_us / 1e6 / repeats
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The teacher/student pair and the batch of a trainer-step benchmark (CIFAR-100 shapes by default)."""
+    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--student", default="resnet20")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=100)
