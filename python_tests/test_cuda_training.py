@@ -43,7 +43,7 @@ def test_search_on_cuda_fused_matches_reference(tmp_path, teacher):
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_distillation_on_cuda_fused_matches_reference(tmp_path, teacher, amp):
-    aggregation = _search(tmp_path, teacher, "fused")
+    _search(tmp_path, teacher, "fused")
     rows = []
     for kernels in ("fused", "reference"):
         out = tmp_path / f"distill_{kernels}"
@@ -57,7 +57,6 @@ def test_distillation_on_cuda_fused_matches_reference(tmp_path, teacher, amp):
             assert math.isclose(fused[key], ref[key], rel_tol=tolerance), (key, fused[key], ref[key])
     assert rows[0][-1]["test_top1"] > 30.0
     assert load_checkpoint(tmp_path / "distill_fused" / "last.pt")["method"] == "dfa"
-    assert aggregation.groups[0].searched
 
 
 def test_evaluate_on_cuda_matches_cpu(teacher):

@@ -52,8 +52,8 @@ def run_distill(config: DistillConfig, *, teacher: models.TappedNetwork | None =
 
 def prepare_distill(config: DistillConfig, *, teacher: models.TappedNetwork | None = None,
                     data: DataBundle | None = None) -> DistillRun:
-    """Builds the distiller of ``config`` (fresh seeded student, frozen teacher, connectors) and
-    writes ``config.json``; :func:`run_distill` then trains it."""
+    """Builds the distiller of ``config`` (fresh seeded student, frozen teacher, connectors), the
+    data, and the run signature and checkpoint extras; :func:`run_distill` then trains it."""
     config.validate()
     if config.method != "vanilla" and teacher is None and not config.teacher:
         raise ConfigError(f"teacher is required by --method {config.method}: the checkpoint written by "

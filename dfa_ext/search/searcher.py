@@ -195,7 +195,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                 report(step, losses)
             if on_step is not None:
                 on_step(step)
-            if stop_requested(guard, dist):
+            if stop_requested(guard, dist, step):
                 checkpoint()
                 raise TrainingInterrupted(str(last_path))
             if step % steps_per_group == 0 or (config.checkpoint_every and step % config.checkpoint_every == 0):

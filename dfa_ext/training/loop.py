@@ -249,7 +249,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                             bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.4g}")
                     if on_step is not None:
                         on_step(step)
-                    if stop_requested(guard, dist):
+                    if stop_requested(guard, dist, step):
                         checkpoint(epoch, batch, sums.as_dict())
                         raise TrainingInterrupted(str(last_path))
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
