@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
 
 from dfa_ext.data import Augment, DataBundle, DataSpec, available_datasets, dataset_options, load_data
+from dfa_ext.data.loader import batch_stream
+from dfa_ext.data.split import split_train_val
 from dfa_ext.data.transforms import crop_padded, sample_generator
 from dfa_ext.errors import DataError, DatasetNotFoundError
 
@@ -149,6 +151,34 @@ def test_augmentation_does_not_depend_on_loader_workers():
     batches = [torch.cat([x for x, _ in DataLoader(train, batch_size=64, num_workers=workers)])
                for workers in (0, 2)]
     assert torch.equal(batches[0], batches[1])
+
+
+def _search_streams(train, *, start_step=0, workers=0, interleave=True, steps=45):
+    """The search-train batches of steps start_step..steps-1 of a search over ``train`` split
+    70/30 (uneven: the two streams change epoch at different steps), read as the searcher reads
+    them: a train batch, then a val batch, at every step."""
+    search_train, search_val = split_train_val(train, 0.3, seed=4)
+    streams = [batch_stream(dataset, 64, seed=4 + offset, start_step=start_step, num_workers=workers)
+               for dataset, offset in ((search_train, 0), (search_val, 1))]
+    batches = []
+    for _ in range(start_step, steps):
+        batches.append(next(streams[0])[0])
+        if interleave:
+            next(streams[1])
+    return batches
+
+
+def test_search_split_batches_do_not_depend_on_the_other_stream_workers_or_resume():
+    # Search-train (880 images, 13 steps an epoch) and search-val (377, 5 steps) are two subsets
+    # of one augmented dataset: neither stream may change the other's augmentation epoch.
+    train = load_data("digits", seed=4, padding=1, flip=True).train
+    expected = _search_streams(train, interleave=False)
+    for kwargs in ({}, {"workers": 2}):
+        got = _search_streams(train, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), kwargs
+    resumed = _search_streams(train, start_step=35)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, expected[35:], strict=True))
+    assert not torch.equal(expected[0], expected[13])  # epochs differ: the test can see a wrong epoch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -57,11 +59,14 @@ def split_bundle(name: str, images: torch.Tensor, labels: torch.Tensor, class_na
 class SubsetDataset(torch.utils.data.Dataset):
     """The items ``indices`` of ``base``, keeping ``labels`` and ``set_epoch``.
 
-    Augmentation draws stay those of the base item (seeded by its own index).
+    Augmentation draws stay those of the base item (seeded by its own index). Each subset holds
+    its own shallow copy of ``base`` (the pixel tensors are shared, the epoch is not): two
+    subsets of one dataset, read by two batch streams whose epochs advance at different steps
+    (search-train and search-val), must not set each other's augmentation epoch.
     """
 
     def __init__(self, base: torch.utils.data.Dataset, indices: torch.Tensor) -> None:
-        self.base, self.indices = base, indices.to(torch.int64)
+        self.base, self.indices = copy.copy(base), indices.to(torch.int64)
         self.labels = base.labels[self.indices]
 
     def set_epoch(self, epoch: int) -> None:
