@@ -95,6 +95,20 @@ def test_group_layout(name, blocks, channels):
         assert group.last is group.layers[-1]
 
 
+@pytest.mark.parametrize("name, width, widths", [
+    ("resnet8", 4, (4, 4, 8, 16)), ("resnet20", 8, (8, 8, 16, 32)), ("resnet8x4", 16, (8, 16, 32, 64)),
+    ("resnet8", 1, (1, 1, 2, 4)),
+])
+def test_resnet_width_scales_every_group(name, width, widths):
+    model = create(name, width=width)
+    assert model.stem.conv.out_channels == widths[0]
+    assert [group[-1].bn2.num_features for group in model.groups] == list(widths[1:])
+    assert model(_image((3, 32, 32), batch=2)).shape == (2, 10)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ModelError, match="width"):
+            create(name, width=bad)
+
+
 def test_init_is_kaiming_and_bn_identity():
     model = create("wrn_16_4")
     conv = model.groups[2][1].conv2  # 256 -> 256, 3x3: fan_out = 9 * 256

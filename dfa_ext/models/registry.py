@@ -1,6 +1,7 @@
 """Models by name: ``create("wrn_40_2", num_classes=100)``, ``available_models()``.
 
-Names: ``resnet{d}`` and ``resnet{d}x4`` (d = 6n + 2), ``wrn_{d}_{k}`` (d = 6n + 4, k >= 1),
+Names: ``resnet{d}`` and ``resnet{d}x4`` (d = 6n + 2; ``width=W`` sets the first group's
+channels), ``wrn_{d}_{k}`` (d = 6n + 4, k >= 1),
 ``torchvision:resnet{18,34,50,101,152}`` (wrapped in a :class:`HookedNetwork`).
 """
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .hooked import HookedNetwork
-from .resnet_cifar import WIDTHS, WIDTHS_X4, CifarResNet
+from .resnet_cifar import WIDTHS, WIDTHS_X4, CifarResNet, scaled_widths
 from .taps import TappedNetwork
 from .wrn import WideResNet
 
@@ -29,8 +30,13 @@ def available_models() -> List[str]:
     return [*_CIFAR_RESNETS, *_WRNS, *(_TV_PREFIX + n for n in _TORCHVISION)]
 
 
-def _resnet(m: re.Match, num_classes: int, in_channels: int) -> TappedNetwork:
-    return CifarResNet(int(m[1]), WIDTHS_X4 if m[2] else WIDTHS, num_classes, in_channels)
+def _resnet(m: re.Match, num_classes: int, in_channels: int, width: int | None = None) -> TappedNetwork:
+    """``width``: channels of the first group (16, or 64 for x4); the stem and later groups scale
+    with it (resnet8 width=4: 4/4/8/16 channels), for students narrow enough to need a teacher."""
+    widths = WIDTHS_X4 if m[2] else WIDTHS
+    if width is not None:
+        widths = scaled_widths(widths, width)
+    return CifarResNet(int(m[1]), widths, num_classes, in_channels)
 
 
 def _wrn(m: re.Match, num_classes: int, in_channels: int, dropout: float = 0.0) -> TappedNetwork:
@@ -56,7 +62,7 @@ def _torchvision(m: re.Match, num_classes: int, in_channels: int,
 
 # (pattern, builder, accepted keyword arguments)
 _FAMILIES: List[tuple] = [
-    (re.compile(r"resnet(\d+)(x4)?"), _resnet, ()),
+    (re.compile(r"resnet(\d+)(x4)?"), _resnet, ("width",)),
     (re.compile(r"wrn_(\d+)_(\d+)"), _wrn, ("dropout",)),
     (re.compile(_TV_PREFIX + "(" + "|".join(_TORCHVISION) + ")"), _torchvision, ("small_input",)),
 ]

@@ -18,6 +18,13 @@ WIDTHS = (16, 16, 32, 64)  # stem, group 0, group 1, group 2
 WIDTHS_X4 = (32, 64, 128, 256)
 
 
+def scaled_widths(widths: Sequence[int], width: int) -> tuple[int, ...]:
+    """``widths`` (stem, group 0..2) scaled so that group 0 has ``width`` channels (at least 1 each)."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ModelError(f"width must be a positive int (channels of the first group), got {width!r}")
+    return tuple(max(1, round(w * width / widths[1])) for w in widths)
+
+
 class BasicBlock(TappedBlock):
     """conv3x3-BN-ReLU-conv3x3-BN + shortcut (1x1 conv + BN when the shape changes).
 
