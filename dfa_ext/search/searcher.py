@@ -81,7 +81,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                         gamma_ts=config.gamma_ts, gamma_fd=config.gamma_fd, margins=margins,
                         ts_margins=config.ts_margins)
     betas = nn.ParameterList(nn.Parameter(config.beta_init_std * torch.randn(p.num_layers)) for p in pairs)
-    memory_format = config.memory_format
+    memory_format = config.memory_format_for(net, device)
     teacher.to(device, memory_format=memory_format)
     net.to(device, memory_format=memory_format)
     betas.to(device)

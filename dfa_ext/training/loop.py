@@ -174,7 +174,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     per_rank_batch = config.batch_size // dist.world_size
     autocast = autocast_for(config.amp, device)
 
-    memory_format = config.memory_format
+    memory_format = config.memory_format_for(task, device)
     task.to(device, memory_format=memory_format)
     model = wrap_ddp(task, device, dist, sync_bn=config.sync_bn,
                      find_unused_parameters=task.has_unused_parameters)  # what the steps run

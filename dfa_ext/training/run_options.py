@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..config import option
 from ..errors import ConfigError
@@ -39,6 +40,26 @@ class RunOptions:
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def memory_format_for(self, module: nn.Module, device: torch.device) -> torch.memory_format:
+        """The layout to train ``module`` in on ``device``: ``memory_format``, except on the CPU for
+        networks that oneDNN would train wrongly in channels_last (see :func:`onednn_unsafe_convs`)."""
+        if self.channels_last and device.type == "cpu" and onednn_unsafe_convs(module):
+            return torch.contiguous_format
+        return self.memory_format
+
+
+def onednn_unsafe_convs(module: nn.Module) -> list[str]:
+    """Names of the convolutions of ``module`` whose channels_last weight gradient oneDNN gets wrong.
+
+    With torch 2.14.1 on x86-64 CPUs, the backward of a 1x1 convolution with stride > 1 and fewer
+    than 8 input channels in channels_last layout (oneDNN's jit_avx2_1x1 bwd-weights kernel)
+    returns weight gradients off by up to 120 %, corrupts the heap or never returns; the
+    contiguous layout is right. ResNets narrower than width 8 have such shortcut convolutions.
+    """
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+            and m.in_channels < 8 and any(p.requires_grad for p in m.parameters())]
 
 
 def resolve_device(name: str) -> torch.device:
