@@ -55,8 +55,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def config_from_args(cls: type, namespace: argparse.Namespace) -> Any:
-    """Defaults, then the ``--config`` file, then the command line."""
+    """Defaults, then the ``--preset``, then the ``--config`` file, then the command line."""
     from .config import make_config, read_config_file
+    from .presets import preset_values
 
     fields = {f.name for f in dataclasses.fields(cls)}
     cli = {k: v for k, v in vars(namespace).items() if k in fields}
@@ -67,7 +68,8 @@ def config_from_args(cls: type, namespace: argparse.Namespace) -> Any:
         elif isinstance(value, list):  # nargs="+" tuples
             cli[key] = tuple(value)
     file_values = read_config_file(namespace.config) if getattr(namespace, "config", None) else {}
-    return make_config(cls, file_values, cli)
+    preset = preset_values(namespace.preset, namespace.command, cls) if getattr(namespace, "preset", None) else {}
+    return make_config(cls, preset, file_values, cli)
 
 
 def _print_fit(what: str, result: Any) -> None:
@@ -137,6 +139,25 @@ def _list_models(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _list_presets(namespace: argparse.Namespace) -> int:
+    from .presets import PRESETS
+
+    for preset in PRESETS.values():
+        print(f"{preset.name}: {preset.summary}")
+        for command, values in [("every command", preset.common), *preset.commands.items()]:
+            if values:
+                print(f"  {command}: " + " ".join(f"--{k.replace('_', '-')} {_shown(v)}" for k, v in values.items()))
+    return 0
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
 def _list_datasets(namespace: argparse.Namespace) -> int:
     from . import data
 
@@ -161,6 +182,7 @@ def _subcommands() -> list[tuple[str, str, type | None, Callable[[argparse.Names
          "several seeds; prints and saves the comparison table", DemoConfig, _demo),
         ("models", "list the network names", None, _list_models),
         ("datasets", "list the dataset names", None, _list_datasets),
+        ("presets", "list the presets (--preset NAME): option values of a measured regime", None, _list_presets),
     ]
 
 
@@ -173,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter if cls is None
                                   else argparse.HelpFormatter)
         if cls is not None:
+            sub.add_argument("--preset", metavar="NAME", help="option values of a named regime (see `dfa presets`); "
+                             "the config file and the command line win")
             sub.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (the command line wins)")
             add_config_options(sub, cls)
         if handler is _evaluate:

@@ -24,3 +24,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_student = F.log_softmax(at_least_float32(student_logits) / temperature, dim=1)
     log_teacher = F.log_softmax(at_least_float32(teacher_logits).detach() / temperature, dim=1)
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def hinton_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                  temperature: float, weight: float) -> dict[str, torch.Tensor]:
+    """Hinton KD as named terms: ``ce`` = (1 - w) * CE and ``kd`` = w * T^2 * KL (see :func:`kd_loss`)."""
+    return {"ce": (1.0 - weight) * cross_entropy(logits, labels),
+            "kd": weight * kd_loss(logits, teacher_logits, temperature)}

@@ -1,4 +1,5 @@
-"""OFD margins of the teacher's pre-ReLU features, from the BN that produced them (method.md s. 3).
+"""OFD margins of the teacher's pre-ReLU features, from the BN that produced them (method.md s. 3),
+or measured on data (:func:`empirical_margins`).
 
 A channel's pre-ReLU response is modelled as x ~ N(mu, s^2) with mu = BN bias, s = |BN weight|;
 its margin is E[x | x < 0] = mu - s * phi(mu/s) / Phi(-mu/s), or -3s when Phi(-mu/s) <= 1e-3 (too
@@ -9,6 +10,7 @@ of both branches).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
@@ -71,3 +73,56 @@ def teacher_margins(teacher: nn.Module, input_shape: tuple[int, int, int]) -> li
     finally:
         teacher.train(was_training)
     return [group_margins(g.bns) for g in groups]
+
+
+@torch.no_grad()
+def empirical_margins(teacher: nn.Module, dataset: torch.utils.data.Dataset, *, samples: int = 2048,
+                      batch_size: int = 256, aggregations: Sequence[tuple[Sequence[int], Tensor] | None] | None = None,
+                      device: torch.device | str | None = None) -> list[Tensor]:
+    """Per layer group, the margins E[x | x < 0] of each channel measured on the teacher's features of
+    the first ``samples`` items of ``dataset`` (eval mode, no gradients), float32 on the CPU.
+
+    The BN estimate (:func:`bn_margins`) assumes the feature is that BN's output; a residual sum
+    (e.g. bn2 plus a conv+BN projection shortcut) spreads further below zero, and the measured
+    margin sees it. A channel with no negative value keeps margin 0 (the margin ReLU leaves its
+    values as they are).
+
+    Args:
+        aggregations: per group, None for the margins of each of its K layers ([K, C]), or
+            ``(layers, beta)`` for the margins of the aggregated feature sum_j softmax(beta)_j T_j
+            over those layer indices ([1, C]).
+    Returns:
+        per group, [K, C] or [1, C] float32.
+    """
+    param = next(teacher.parameters(), None)
+    home = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else home
+    was_training = teacher.training
+    teacher.to(device).eval()
+    sums: list[Tensor] | None = None
+    counts: list[Tensor] | None = None
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(min(samples, len(dataset)))),
+                                         batch_size=batch_size)
+    try:
+        for images, _ in loader:
+            groups = teacher(images.to(device), features=True).groups
+            maps = []
+            for g, group in enumerate(groups):
+                spec = aggregations[g] if aggregations is not None else None
+                if spec is None:
+                    maps.append(torch.stack(group.layers, dim=1))  # [B, K, C, ...]
+                else:
+                    layers, beta = spec
+                    alpha = torch.softmax(beta.double(), 0).to(device, group.layers[0].dtype)
+                    mixed = sum(a * group.layers[j] for a, j in zip(alpha, layers))
+                    maps.append(mixed.unsqueeze(1))
+            reduce = [tuple(itertools.chain((0,), range(3, m.dim()))) for m in maps]
+            batch_sums = [m.clamp(max=0).double().sum(dim=r) for m, r in zip(maps, reduce)]
+            batch_counts = [(m < 0).double().sum(dim=r) for m, r in zip(maps, reduce)]
+            sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
+            counts = batch_counts if counts is None else [a + b for a, b in zip(counts, batch_counts)]
+    finally:
+        teacher.to(home).train(was_training)
+    if sums is None:
+        raise ModelError("empirical margins need at least one training image")
+    return [(s / c.clamp(min=1)).float().cpu() for s, c in zip(sums, counts)]

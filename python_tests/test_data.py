@@ -107,6 +107,19 @@ def test_mnist_augmentation_is_an_unflipped_pad2_crop():
     assert flipped_or_unmatched == 0
 
 
+def test_mnist_image_size_averages_pixel_blocks(mnist):
+    small = load_data("mnist", augment=False, image_size=14)
+    assert small.spec.image_size == 14 and len(small.train) == len(mnist.train)
+    assert torch.equal(small.train.labels, mnist.train.labels)
+    for index in (0, 1234, 3999):
+        want = torch.nn.functional.avg_pool2d(mnist.train.images[index].double() / 255, 2)
+        got = denormalise(small.train[index][0], small.spec) / 255
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for bad in (2, 29, 14.0, True):
+        with pytest.raises(DataError, match="image_size"):
+            load_data("mnist", image_size=bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # digits (scikit-learn 8x8)
 

@@ -126,6 +126,92 @@ def test_feature_loss_matches_the_formula_of_the_method(kernels):
     torch.testing.assert_close(losses["ce"], F.cross_entropy(logits, labels))
 
 
+def test_fixed_alpha_targets():
+    pairs = _pairs("resnet20")
+    fixed = group_targets("fixed", pairs, alpha=(0.0, 1.0, 3.0))
+    assert [t.layers for t in fixed] == [(1, 2)] * 3  # a zero weight leaves the layer out
+    torch.testing.assert_close(torch.softmax(fixed[1].beta.double(), 0), torch.tensor([0.25, 0.75], dtype=torch.float64))
+    last_only = group_targets("fixed", pairs, alpha=(0, 0, 1))
+    ofd = group_targets("ofd", pairs)
+    assert [(t.layers, t.beta.tolist()) for t in last_only] == [(t.layers, t.beta.tolist()) for t in ofd]
+    with pytest.raises(ConfigError, match=r"alpha has 2 weights; the teacher's groups have \[3, 3, 3\] layers"):
+        group_targets("fixed", pairs, alpha=(0.5, 0.5))
+
+
+def test_kd_term_beside_the_feature_loss_is_hintons_weighting():
+    plain, _ = _distiller("fused", lambda pairs: group_targets("ofd", pairs))
+    with_kd, _ = _distiller("fused", lambda pairs: group_targets("ofd", pairs))
+    with_kd.kd = (3.0, 0.75)
+    images, labels = _batch()
+    logits, losses = with_kd(images, labels)
+    _, plain_losses = plain(images, labels)
+    assert set(losses) == {"ce", "kd", "fd"}
+    with torch.no_grad():
+        teacher_logits = with_kd.teacher(images)
+    p = F.softmax(teacher_logits / 3.0, 1)
+    kl = (p * (p.log() - F.log_softmax(logits / 3.0, 1))).sum(1).mean()
+    torch.testing.assert_close(losses["kd"], 0.75 * 9.0 * kl)
+    torch.testing.assert_close(losses["ce"], 0.25 * F.cross_entropy(logits, labels))
+    torch.testing.assert_close(losses["fd"], plain_losses["fd"])  # the same student: the feature term is untouched
+
+
+def test_margin_after_aggregation_applies_one_margin_to_the_mixture():
+    beta = [torch.tensor([0.3, -0.2]), torch.tensor([1.0, 0.0]), torch.tensor([-0.5, 0.5])]
+    targets_of = lambda pairs: [t.__class__(t.index, t.layers, b) for t, b in zip(group_targets("uniform", pairs), beta)]
+    per_layer, margins = _distiller("fused", targets_of)
+    torch.manual_seed(1)
+    mixed_margins = [-torch.rand(1, m.shape[1], dtype=torch.float64) for m in margins]
+    torch.manual_seed(0)
+    after, _ = _distiller("fused", targets_of)  # the same teacher, student and connectors
+    after = FeatureDistiller(after.classifier, after.teacher, after._record, pairs=_pairs(),
+                             targets=targets_of(_pairs()), margins=mixed_margins, weights=stage_weights(3),
+                             aggregate_first=True).double()
+    after.st_connectors.load_state_dict(per_layer.st_connectors.state_dict())
+    images, labels = _batch()
+    _, losses = after(images, labels)
+    with torch.no_grad():
+        groups = after.teacher(images, features=True).groups
+        out = after.classifier(images, features=True)
+        want = 0.0
+        for i, w in enumerate((0.25, 0.5, 1.0)):
+            alpha = torch.softmax(beta[i].double(), 0)
+            t = torch.maximum(sum(a * m for a, m in zip(alpha, groups[i].layers)), mixed_margins[i].view(1, -1, 1, 1))
+            s = after.st_connectors[i](out.groups[i].last)
+            want += w * (((s - t) ** 2) * ((s > t) | (t > 0))).flatten(1).sum(1).mean()
+    torch.testing.assert_close(losses["fd"].double(), 1e-3 * want, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match=r"\[1, C\]"):
+        FeatureDistiller(after.classifier, after.teacher, after._record, pairs=_pairs(), targets=targets_of(_pairs()),
+                         margins=margins, weights=stage_weights(3), aggregate_first=True)
+
+
+def test_empirical_margins_are_the_mean_of_each_channels_negative_values():
+    from dfa_ext.data import load_data
+    from dfa_ext.margins import empirical_margins
+
+    torch.manual_seed(0)
+    teacher = models.create("resnet14", 10, 1).eval()
+    train = load_data("digits", augment=False).train
+    got = empirical_margins(teacher, train, samples=100, batch_size=32)
+    got_mixed = empirical_margins(teacher, train, samples=100, batch_size=32,
+                                  aggregations=[None, ((0, 1), torch.tensor([0.5, -0.5])), None])
+    images = torch.stack([train[i][0] for i in range(100)])
+    with torch.no_grad():
+        groups = teacher(images, features=True).groups
+    for g, group in enumerate(groups):
+        assert got[g].shape == (2, group.layers[0].shape[1])
+        for j, layer in enumerate(group.layers):
+            for c in range(layer.shape[1]):
+                values = layer[:, c].flatten()
+                want = values[values < 0].mean() if (values < 0).any() else torch.tensor(0.0)
+                torch.testing.assert_close(got[g][j, c], want, rtol=1e-5, atol=1e-6)
+    alpha = torch.softmax(torch.tensor([0.5, -0.5]), 0)
+    mixed = alpha[0] * groups[1].layers[0] + alpha[1] * groups[1].layers[1]
+    assert got_mixed[1].shape == (1, mixed.shape[1])
+    for c in range(mixed.shape[1]):
+        values = mixed[:, c].flatten()
+        torch.testing.assert_close(got_mixed[1][0, c], values[values < 0].mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_ofd_is_feature_distillation_with_one_hot_alpha():
     ofd, _ = _distiller("fused", lambda pairs: group_targets("ofd", pairs))
     one_hot, _ = _distiller("fused", lambda pairs: [
@@ -219,10 +305,9 @@ def test_dfa_uses_the_searched_alpha(tmp_path, teacher_checkpoint, aggregation):
     searched = load_search_result(aggregation, teacher=teacher, input_shape=DIGITS_SHAPE)
     from dfa_ext.data import load_data
 
-    spec = load_data("digits").spec
     teacher = model_from_checkpoint(teacher_checkpoint)
     distiller = _make_distiller(config, models.create("resnet8", 10, 1), teacher,
-                                {"name": "resnet8", "num_classes": 10, "in_channels": 1}, spec,
+                                {"name": "resnet8", "num_classes": 10, "in_channels": 1}, load_data("digits"),
                                 {"sha256": searched.teacher["sha256"]})
     for i, group in enumerate(searched.groups):
         torch.testing.assert_close(torch.softmax(getattr(distiller, f"beta_{i}"), 0).double(),

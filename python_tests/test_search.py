@@ -197,6 +197,63 @@ def test_interrupted_search_resumes_to_the_uninterrupted_alpha(tmp_path, teacher
     assert (tmp_path / "parts" / "alpha_trajectory.csv").read_text() == whole
 
 
+def _trajectory(out) -> dict[tuple[int, int], list[float]]:
+    """(step, group) -> beta of every layer, from a search's alpha_trajectory.csv."""
+    rows = {}
+    for line in (out / "alpha_trajectory.csv").read_text().splitlines()[1:]:
+        step, group, _, _, beta, _ = line.split(",")
+        rows.setdefault((int(step), int(group)), []).append(float(beta))
+    return rows
+
+
+def test_warmup_holds_beta_still_until_it_ends_while_the_weights_learn(tmp_path, teacher_checkpoint):
+    config = search_config(tmp_path, teacher_checkpoint, steps_per_group=5, warmup_steps=3, groups=(1, 2))
+
+    def interrupt(step):
+        if step == 3:  # the last warm-up step of the first group
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        run_search(config, on_step=interrupt)
+    state = torch.load(tmp_path / "search" / "last.pt", weights_only=True)
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in state["betas"])
+    torch.manual_seed(5)  # the search's seed: the same initial student
+    fresh = models.create("resnet8", num_classes=10, in_channels=1)
+    assert any(not torch.equal(v, state["student"]["state_dict"][k]) for k, v in fresh.state_dict().items())
+    run_search(config)  # resumed to the end
+    beta = _trajectory(tmp_path / "search")
+    for offset, group in ((0, 1), (5, 2)):
+        assert all(b == 0.0 for step in range(offset + 1, offset + 4) for b in beta[(step, group)])
+        assert all(b != 0.0 for step in (offset + 4, offset + 5) for b in beta[(step, group)])
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        run_search(search_config(tmp_path, teacher_checkpoint, "bad", steps_per_group=5, warmup_steps=5))
+
+
+def test_search_starts_from_a_trained_student_checkpoint(tmp_path, teacher_checkpoint):
+    torch.manual_seed(42)
+    trained = models.create("resnet8", num_classes=10, in_channels=1)
+    path = tmp_path / "student.pt"
+    save_checkpoint(path, {"kind": "distill", "model": model_record(trained, "resnet8", 10, 1)})
+    # With a zero weight learning rate the student keeps exactly the weights it started from.
+    run_search(search_config(tmp_path, teacher_checkpoint, init_student=str(path), lr=0.0, lr_min=0.0))
+    searched = torch.load(tmp_path / "search" / "last.pt", weights_only=True)["student"]["state_dict"]
+    for name, value in trained.named_parameters():
+        assert torch.equal(searched[name], value.detach()), name
+    wide = models.create("resnet8", num_classes=10, in_channels=1, width=8)
+    save_checkpoint(tmp_path / "wide.pt", {"kind": "distill", "model": model_record(wide, "resnet8", 10, 1, {"width": 8})})
+    with pytest.raises(ConfigError, match="width"):
+        run_search(search_config(tmp_path, teacher_checkpoint, "other", init_student=str(tmp_path / "wide.pt")))
+
+
+def test_architecture_gradient_clipping_caps_the_norm_and_keeps_the_direction():
+    net, betas, train, val = _tiny_problem()
+    raw = Architect(net, betas).gradient(1, train, val)
+    clip = 0.5 * raw.norm().item()
+    used = Architect(net, betas, lr=0.0, grad_clip=clip).step(1, train, val)
+    torch.testing.assert_close(used, raw * (clip / raw.norm()), rtol=1e-6, atol=1e-12)
+    assert torch.equal(Architect(net, betas, lr=0.0, grad_clip=10 * raw.norm().item()).step(1, train, val), raw)
+
+
 def test_search_refuses_a_teacher_for_other_data(tmp_path, teacher_checkpoint):
     with pytest.raises(ConfigError, match="10 classes and 3 input channels"):
         run_search(search_config(tmp_path, teacher_checkpoint, teacher=_other_teacher(tmp_path)))

@@ -56,6 +56,17 @@ def test_training_writes_its_files_and_learns(reference_run):
     assert state["epoch"] == 2 and state["batch"] == 0 and state["step"] == 44
 
 
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(tmp_path, reference_run):
+    _, reference = reference_run
+    result = train_teacher(tiny(tmp_path, epochs=3, eval_every=2))
+    rows = list(csv.DictReader(open(result.out_dir / "metrics.csv")))
+    tested = [r["test_top1"] != "nan" for r in rows]
+    assert tested == [False, True, True]  # epoch 2 (the second) and the last
+    assert result.last_top1 == pytest.approx(float(rows[-1]["test_top1"]))
+    assert result.best_top1 == max(float(r["test_top1"]) for r in rows if r["test_top1"] != "nan")
+    assert all(r["train_ce"] != "nan" for r in rows)  # training metrics of every epoch
+
+
 def test_checkpoint_rebuilds_the_trained_network(reference_run):
     config, result = reference_run
     from dfa_ext.data import load_data

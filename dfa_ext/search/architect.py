@@ -43,13 +43,15 @@ class Architect:
         betas: beta_i of every group, [K_i] each.
         second_order: use the unrolled gradient.
         fd_radius: the finite-difference step is eps = fd_radius / |v| (DARTS: 0.01).
+        grad_clip: scale a beta gradient whose norm exceeds this down to it (None: off).
     """
 
     def __init__(self, net: SearchNetwork, betas: nn.ParameterList, *, lr: float = 3e-4,
                  adam_betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-3,
-                 second_order: bool = False, fd_radius: float = 0.01, autocast: contextlib.AbstractContextManager | None = None,
-                 dist: DistContext | None = None) -> None:
+                 second_order: bool = False, fd_radius: float = 0.01, grad_clip: float | None = None,
+                 autocast: contextlib.AbstractContextManager | None = None, dist: DistContext | None = None) -> None:
         self.net, self.betas, self.second_order, self.fd_radius = net, betas, second_order, fd_radius
+        self.grad_clip = grad_clip
         # One optimiser per group: Adam's weight decay must not move the groups not being searched.
         self.optimizers = [torch.optim.Adam([beta], lr=lr, betas=tuple(adam_betas), weight_decay=weight_decay)
                            for beta in betas]
@@ -131,10 +133,12 @@ class Architect:
         return d_beta - xi * slope * hessian_vector
 
     def step(self, group: int, train: Batch, val: Batch, weight_optimizer: torch.optim.SGD | None = None) -> Tensor:
-        """One Adam step of beta_group; returns the (process-averaged) gradient used."""
+        """One Adam step of beta_group; returns the (process-averaged, clipped) gradient used."""
         grad = self.gradient(group, train, val, weight_optimizer)
         if self.dist.active:
             grad = (self.dist.all_reduce_sum(grad) / self.dist.world_size).to(grad)
+        if self.grad_clip is not None:  # on the device: no host sync
+            grad = grad * (self.grad_clip / grad.norm().clamp_min(self.grad_clip))
         beta = self.betas[group]
         beta.grad = grad.to(beta.dtype)
         self.optimizers[group].step()

@@ -35,11 +35,16 @@ class SearchConfig(RunOptions, DataOptions):
     groups: tuple[int, ...] = option((), "groups to search, 0-based, in this order (default: all)")
     epochs_per_group: float = option(1.0, "search steps per group, in epochs of the search-train split")
     steps_per_group: int = option(0, "search steps per group (overrides epochs_per_group when > 0)")
+    warmup_steps: int = option(0, "per group: weight steps (student and connectors) before beta starts to move; "
+                               "they count within the group's steps")
+    init_student: str | None = option(None, "start the student from this checkpoint (last.pt or best.pt of dfa "
+                                      "distill, e.g. --method vanilla or kd) instead of a fresh initialisation")
     val_fraction: float = option(0.5, "share of the training split held out as search-val (seeded, stratified)")
     batch_size: int = option(64, "global batch size of both splits")
     arch_lr: float = option(3e-4, "Adam learning rate of beta")
     arch_betas: tuple[float, ...] = option((0.5, 0.999), "Adam betas of beta")
     arch_weight_decay: float = option(1e-3, "Adam weight decay of beta (the regulariser R)")
+    arch_grad_clip: float | None = option(None, "clip the norm of each beta gradient to this value (unset: off)")
     beta_init_std: float = option(0.0, "beta starts at N(0, std^2) (0: uniform alpha)")
     lr: float = option(0.025, "peak SGD learning rate of the student and connectors (cosine decay)")
     lr_min: float = option(0.001, "final SGD learning rate")
@@ -61,6 +66,10 @@ class SearchConfig(RunOptions, DataOptions):
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.batch_size < 1 or self.steps_per_group < 0 or not self.epochs_per_group > 0:
             raise ConfigError("batch_size and epochs_per_group must be positive, steps_per_group >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.arch_grad_clip is not None and not self.arch_grad_clip > 0:
+            raise ConfigError(f"arch_grad_clip must be > 0 (or unset), got {self.arch_grad_clip}")
         if len(self.arch_betas) != 2 or not all(0 <= b < 1 for b in self.arch_betas):
             raise ConfigError(f"arch_betas must be two numbers in [0, 1), got {list(self.arch_betas)}")
         for name in ("gamma_st", "gamma_ts", "gamma_fd", "arch_lr", "arch_weight_decay", "lr", "lr_min",

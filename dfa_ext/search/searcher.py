@@ -31,7 +31,7 @@ from ..training.progress import progress_bar
 from ..training.run_options import autocast_for, resolve_device
 from ..training.schedule import LrSchedule
 from ..training.seeding import rng_state, seed_everything, set_deterministic, set_rng_state
-from ..training.teacher import freeze, load_teacher
+from ..training.teacher import freeze, load_student, load_teacher
 from .architect import Architect, Batch
 from .config import SearchConfig
 from .network import SearchNetwork, teacher_features
@@ -93,6 +93,9 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     per_rank = config.batch_size // dist.world_size
     steps_per_epoch = max(len(search_train) // config.batch_size, 1)
     steps_per_group = config.steps_per_group or max(1, math.ceil(config.epochs_per_group * steps_per_epoch))
+    if config.warmup_steps >= steps_per_group:
+        raise ConfigError(f"warmup_steps ({config.warmup_steps}) must be fewer than the steps per group "
+                          f"({steps_per_group}): beta would never move")
     total_steps = steps_per_group * len(groups)
 
     weight_optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
@@ -100,7 +103,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     schedule = LrSchedule(config.lr - config.lr_min, total_steps, "cosine")  # + lr_min below
     architect = Architect(net, betas, lr=config.arch_lr, adam_betas=config.arch_betas,
                           weight_decay=config.arch_weight_decay, second_order=config.order == "second",
-                          fd_radius=config.fd_radius, autocast=autocast, dist=dist)
+                          fd_radius=config.fd_radius, grad_clip=config.arch_grad_clip, autocast=autocast,
+                          dist=dist)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     # Only one group's connectors take part in a step, hence find_unused_parameters.
     ddp_net = wrap_ddp(net, device, dist, sync_bn=config.sync_bn, find_unused_parameters=True)
@@ -108,7 +112,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     settings = config_dict(config)
     signature = {"teacher": teacher_record["name"], "student": config.student, "data": config.data,
                  "seed": config.seed, "batch_size": config.batch_size, "groups": groups,
-                 "steps_per_group": steps_per_group, "objective": config.objective, "order": config.order}
+                 "steps_per_group": steps_per_group, "objective": config.objective, "order": config.order,
+                 "warmup_steps": config.warmup_steps, "init_student": config.init_student}
     last_path = out / "last.pt"
     layer_names = [p.teacher_layer_names for p in pairs]
     step, trajectory, elapsed = 0, AlphaTrajectory(layer_names), 0.0
@@ -127,8 +132,11 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, trajectory, elapsed = state["step"], AlphaTrajectory(layer_names, state["trajectory"]), state["seconds"]
-    elif dist.is_main:
-        atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
+    else:
+        if config.init_student:
+            load_student(student, config.init_student, config.student, config.student_options)
+        if dist.is_main:
+            atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
 
     def checkpoint() -> None:
         trajectory.flush()
@@ -181,7 +189,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                 param_group["lr"] = config.lr_min + schedule(step)
             train, val = batch(streams["train"], group), batch(streams["val"], group)
             net.train()
-            architect.step(group, train, val, weight_optimizer)
+            if step % steps_per_group >= config.warmup_steps:  # warm-up: the weights learn, beta waits
+                architect.step(group, train, val, weight_optimizer)
             with autocast:
                 _, losses = ddp_net(train.images, train.labels, train.teacher[group], betas[group].detach(),
                                     group, True)

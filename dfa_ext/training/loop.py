@@ -51,10 +51,11 @@ class LoopConfig(RunOptions):
     warmup_epochs: float = option(0.0, "linear lr warm-up, in epochs")
     grad_clip: float | None = option(None, "clip the gradient norm to this value (off when unset)")
     eval_batch_size: int = option(512, "batch size of evaluation")
+    eval_every: int = option(1, "evaluate on the test split every N epochs (and after the last one)")
 
     def validate(self) -> None:
         super().validate()
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "warmup_epochs", "momentum"):
@@ -145,7 +146,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         kind: str, signature: dict, extra_state: dict | None = None,
         on_step: Callable[[int], Any] | None = None, dist: DistContext | None = None,
         settings: dict | None = None) -> FitResult:
-    """Trains ``task`` on ``data.train``, evaluating on ``data.test`` after each epoch.
+    """Trains ``task`` on ``data.train``, evaluating on ``data.test`` every ``config.eval_every``
+    epochs and after the last.
 
     Files in ``out_dir`` (written by the main process only, atomically):
     ``last.pt`` (full state, resumable; also usable as a model checkpoint), ``best.pt`` (weights
@@ -261,12 +263,15 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                 samples = max(totals.pop("samples"), 1.0)
                 train = {f"train_{k}": v / samples for k, v in totals.items() if k != "correct"}
                 train["train_top1"] = 100.0 * totals["correct"] / samples
-                test = evaluate(task.classifier, data.test, batch_size=config.eval_batch_size,
-                                device=device, autocast=autocast, dist=dist, memory_format=memory_format)
-                last_metrics = test
-                improved = test["top1"] > best_top1
-                best_top1 = max(best_top1, test["top1"])
                 epoch, start_batch, sums = epoch + 1, 0, None
+                if epoch % config.eval_every == 0 or epoch == config.epochs:
+                    test = evaluate(task.classifier, data.test, batch_size=config.eval_batch_size,
+                                    device=device, autocast=autocast, dist=dist, memory_format=memory_format)
+                    last_metrics = test
+                    improved = test["top1"] > best_top1
+                    best_top1 = max(best_top1, test["top1"])
+                else:  # not evaluated: empty test columns in metrics.csv
+                    test, improved = {"loss": math.nan, "top1": math.nan, "top5": math.nan}, False
                 metrics = {**train, **{f"test_{k}": v for k, v in test.items()}, "lr": lr,
                            "seconds": seconds()}
                 if improved and dist.is_main:
@@ -275,9 +280,10 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                 checkpoint(epoch, 0, None)
                 log.log(epoch - 1, metrics)
                 if dist.is_main:
+                    tested = (f"test loss {test['loss']:.4f} top1 {test['top1']:.2f}% top5 {test['top5']:.2f}% | "
+                              f"best {best_top1:.2f}%" if not math.isnan(test["top1"]) else "not evaluated")
                     report(f"epoch {epoch}/{config.epochs}: train loss {sum(train[k] for k in train if k != 'train_top1'):.4f} "
-                            f"top1 {train['train_top1']:.2f}% | test loss {test['loss']:.4f} top1 {test['top1']:.2f}% "
-                            f"top5 {test['top5']:.2f}% | best {best_top1:.2f}%", config.progress)
+                           f"top1 {train['train_top1']:.2f}% | {tested}", config.progress)
     finally:
         log.close()
     if math.isnan(last_metrics["top1"]):  # the run was already complete: report its saved numbers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 from typing import Mapping
@@ -61,7 +62,8 @@ class MetricsLog:
         atomic_write_text(self.path, buffer.getvalue())
         if self._writer is not None:
             for key, value in metrics.items():
-                self._writer.add_scalar(key, float(value), epoch)
+                if not math.isnan(float(value)):  # e.g. test metrics of an epoch not evaluated
+                    self._writer.add_scalar(key, float(value), epoch)
             self._writer.flush()
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from .. import models
 from ..config import config_dict, option
 from ..losses import cross_entropy
 from ..data.options import DataOptions
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, model_from_checkpoint, model_record
 from .loop import FitResult, LoopConfig, TrainingTask, fit
 from .seeding import seed_everything
@@ -99,6 +99,20 @@ def load_teacher(path: str, spec, *, check_data: bool = True) -> tuple[models.Ta
                           f"({trained_on.get('image_size')}px images); this run uses {spec.name!r} "
                           f"({spec.image_size}px); pass --no-check-teacher-data to use it anyway")
     return freeze(teacher), record
+
+
+def load_student(student: nn.Module, path: str, name: str, options: dict) -> None:
+    """Loads the weights of a trained ``name`` network (with ``options``) from the checkpoint at
+    ``path`` (of dfa distill or train-teacher) into ``student``; other networks are refused."""
+    state = load_checkpoint(path, kind=("teacher", "distill"))
+    record = state.get("model") or {}
+    if (record.get("name"), record.get("kwargs", {})) != (name, dict(options)):
+        raise ConfigError(f"{path} holds a {record.get('name')!r} network with options {record.get('kwargs', {})}; "
+                          f"this run trains {name!r} with options {dict(options)}")
+    try:
+        student.load_state_dict(record["state_dict"])
+    except (KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{path} does not fit the student: {str(error).splitlines()[0][:300]}") from None
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
