@@ -245,6 +245,16 @@ def test_search_starts_from_a_trained_student_checkpoint(tmp_path, teacher_check
         run_search(search_config(tmp_path, teacher_checkpoint, "other", init_student=str(tmp_path / "wide.pt")))
 
 
+def test_a_student_oneDNN_cannot_train_in_channels_last_gets_a_contiguous_teacher_too(tmp_path, teacher_checkpoint):
+    # The TS path feeds teacher features into the student's later groups: a channels_last teacher
+    # would put the student's strided 1x1 shortcut convolutions (2 input channels at width 2)
+    # back into oneDNN's faulty channels_last backward (heap corruption in a ResNet-8 w2 search).
+    teacher = models.create("resnet14", num_classes=10, in_channels=1)
+    run_search(search_config(tmp_path, teacher_checkpoint, student_options={"width": 2}, steps_per_group=1,
+                             channels_last=True, device="cpu"), teacher=teacher)
+    assert all(p.is_contiguous() for p in teacher.parameters())
+
+
 def test_architecture_gradient_clipping_caps_the_norm_and_keeps_the_direction():
     net, betas, train, val = _tiny_problem()
     raw = Architect(net, betas).gradient(1, train, val)

@@ -82,6 +82,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                         ts_margins=config.ts_margins)
     betas = nn.ParameterList(nn.Parameter(config.beta_init_std * torch.randn(p.num_layers)) for p in pairs)
     memory_format = config.memory_format_for(net, device)
+    # Same layout as the student: the TS path feeds teacher features into the student's later
+    # groups, and a channels_last input would put the student's convolutions back in channels_last.
     teacher.to(device, memory_format=memory_format)
     net.to(device, memory_format=memory_format)
     betas.to(device)
