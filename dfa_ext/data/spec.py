@@ -22,6 +22,9 @@ class DataSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    # How the test images were chosen when the dataset has no official split ("" when it has one):
+    # a teacher trained on another split may have seen this split's test images.
+    split: str = ""
 
 
 @dataclass

@@ -50,7 +50,8 @@ def split_bundle(name: str, images: torch.Tensor, labels: torch.Tensor, class_na
     train_images, test_images = images[train_idx], images[test_idx]
     mean, std = channel_stats(train_images)
     spec = DataSpec(name=name, num_classes=len(class_names), in_channels=images.shape[1],
-                    image_size=images.shape[-1], mean=mean, std=std, class_names=class_names)
+                    image_size=images.shape[-1], mean=mean, std=std, class_names=class_names,
+                    split=f"stratified test_fraction={test_fraction} split_seed={split_seed}")
     train = ImageTensorDataset(train_images, labels[train_idx], Preprocess(mean, std, augment, seed))
     test = ImageTensorDataset(test_images, labels[test_idx], Preprocess(mean, std))
     return DataBundle(train=train, test=test, spec=spec)

@@ -98,6 +98,10 @@ def load_teacher(path: str, spec, *, check_data: bool = True) -> tuple[models.Ta
         raise ConfigError(f"teacher {path} was trained on {trained_on.get('name')!r} "
                           f"({trained_on.get('image_size')}px images); this run uses {spec.name!r} "
                           f"({spec.image_size}px); pass --no-check-teacher-data to use it anyway")
+    if check_data and isinstance(trained_on, dict) and trained_on.get("split", spec.split) != spec.split:
+        raise ConfigError(f"teacher {path} was trained on another train/test split ({trained_on['split'] or 'the official one'}; "
+                          f"this run: {spec.split or 'the official one'}): it may have seen this run's test images; "
+                          "pass --no-check-teacher-data to use it anyway")
     return freeze(teacher), record
 
 
