@@ -6,6 +6,7 @@ the defaults, the preset, the ``--config`` file, the command line. ``dfa presets
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ class Preset:
     def values(self, command: str, fields: set[str]) -> dict[str, Any]:
         """The preset's values for ``command`` among the option names ``fields``."""
         merged = {**self.common, **self.commands.get(command, {})}
-        return {k: v for k, v in merged.items() if k in fields}
+        return {k: copy.deepcopy(v) for k, v in merged.items() if k in fields}  # a config never aliases the preset
 
 
 PRESETS: dict[str, Preset] = {}
@@ -48,3 +49,19 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS)) or 'none'}") from None
+
+
+# The regime of the study in bench/RESULTS.md: a student small enough to need the teacher, trained
+# to convergence, and fast enough on two CPU cores for five seeds of every method.
+_STUDENT = {"student": "resnet8", "student_options": {"width": 2}}
+MNIST_1K = register(Preset(
+    name="mnist-1k",
+    summary="1,000 training / 4,000 test MNIST digits at 14x14; ResNet-20 teacher, ResNet-8 width-2 student "
+            "(the dfa demo's regime)",
+    common={"data": "mnist", "data_options": {"test_fraction": 0.8, "image_size": 14, "padding": 1}},
+    commands={
+        "train-teacher": {"model": "resnet20", "epochs": 60, "lr": 0.1, "batch_size": 64, "eval_every": 10},
+        "search": {**_STUDENT},
+        "distill": {**_STUDENT, "epochs": 160, "lr": 0.1, "batch_size": 32, "eval_every": 10},
+    },
+))

@@ -19,8 +19,9 @@ from dfa_ext.training import model_from_checkpoint
 from dfa_ext.training.checkpoint import model_record, save_checkpoint
 
 METHODS = ("vanilla", "kd", "ofd", "dfa")
-TINY_DEMO = ["--teacher", "resnet14", "--teacher-epochs", "1", "--search-steps-per-group", "2",
-             "--distill-epochs", "1", "--seeds", "0", "1", "--batch-size", "64", "--no-progress", "--no-tensorboard"]
+TINY_DEMO = ["--teacher", "resnet14", "--teacher-epochs", "1", "--search-config", "steps_per_group=3", "warmup_steps=1",
+             "--distill-epochs", "1", "--seeds", "0", "1", "--no-progress", "--no-tensorboard"]
+DEMO_DATA = {"test_fraction": 0.8, "image_size": 14, "padding": 1}  # the demo's default (mnist-1k) data
 
 
 def _dfa(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -48,6 +49,8 @@ def test_demo_writes_the_table_of_every_method(demo):
     assert table in stdout
     for method in METHODS:
         assert f"| {method} | 2 |" in table
+    for other in ("vanilla", "kd", "ofd"):  # DFA against every other method, paired by seed
+        assert f"- dfa - {other}: " in table and "(paired over 2 seeds, 95 % CI [" in table
     summary = list(csv.DictReader((out / "results.csv").open()))
     runs = list(csv.DictReader((out / "runs.csv").open()))
     assert [row["method"] for row in summary] == list(METHODS)
@@ -77,12 +80,12 @@ def test_evaluate_prints_the_numbers_of_the_checkpoint(demo, capsys):
     checkpoint = out / "distill" / "dfa" / "seed0" / "best.pt"
     assert dfa_main(["evaluate", str(checkpoint), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    model, test = model_from_checkpoint(checkpoint), load_data("mnist").test
+    model, test = model_from_checkpoint(checkpoint), load_data("mnist", **DEMO_DATA).test
     images = torch.stack([test[i][0] for i in range(len(test))])
     labels = torch.tensor([int(test[i][1]) for i in range(len(test))])
     with torch.no_grad():
         logits = model(images)
-    assert printed["data"] == "mnist" and printed["samples"] == 1000 and printed["kind"] == "distill"
+    assert printed["data"] == "mnist" and printed["samples"] == 4000 and printed["kind"] == "distill"
     assert printed["top1"] == pytest.approx(100.0 * (logits.argmax(1) == labels).double().mean().item())
     assert printed["top5"] == pytest.approx(
         100.0 * (logits.topk(5, 1).indices == labels[:, None]).any(1).double().mean().item())
@@ -110,10 +113,15 @@ def test_distill_command_and_its_user_errors(demo, tmp_path, capsys):
     checked = [a for a in run if a != "--no-check-teacher-data"]
     code = dfa_main([*checked, "--method", "kd", "--teacher", teacher, "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
-    assert code == 2 and "was trained on 'mnist' (28px images); this run uses 'digits' (8px)" in err, err
+    assert code == 2 and "was trained on 'mnist' (14px images); this run uses 'digits' (8px)" in err, err
+    code = dfa_main([*checked, "--data", "mnist", "--data-options", "image_size=14", "--method", "kd", "--teacher",
+                     teacher, "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err  # the demo's split holds 4,000 test digits; the default split trains on 3,000 of them
+    assert code == 2 and "was trained on another train/test split" in err and err.count("\n") == 1, err
     relabelled = tmp_path / "search_on_digits.json"
     relabelled.write_text(json.dumps({**json.loads(open(aggregation).read()), "data": "digits"}))
-    code = dfa_main([*checked, "--data", "mnist", "--teacher", teacher, "--aggregation", str(relabelled),
+    code = dfa_main([*checked, "--data", "mnist", "--data-options", "test_fraction=0.8", "image_size=14", "padding=1",
+                     "--teacher", teacher, "--aggregation", str(relabelled),
                      "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert code == 2 and "was searched on 'digits'; this run uses 'mnist'" in err and err.count("\n") == 1, err

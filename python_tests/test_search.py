@@ -229,6 +229,19 @@ def test_warmup_holds_beta_still_until_it_ends_while_the_weights_learn(tmp_path,
         run_search(search_config(tmp_path, teacher_checkpoint, "bad", steps_per_group=5, warmup_steps=5))
 
 
+def test_default_search_length_and_warmup_follow_the_recipe_and_options_override_them():
+    from dfa_ext.search.config import DEFAULT_STEPS_PER_GROUP
+
+    assert SearchConfig().group_steps(steps_per_epoch=7) == (DEFAULT_STEPS_PER_GROUP, DEFAULT_STEPS_PER_GROUP // 5)
+    assert SearchConfig(steps_per_group=10).group_steps(7) == (10, 2)  # the warm-up follows the length
+    assert SearchConfig(epochs_per_group=2.5).group_steps(7) == (18, 3)
+    assert SearchConfig(steps_per_group=10, warmup_steps=0).group_steps(7) == (10, 0)
+    with pytest.raises(ConfigError, match="not both"):
+        SearchConfig(teacher="t.pt", steps_per_group=10, epochs_per_group=1.0).validate()
+    with pytest.raises(ConfigError, match="steps_per_group must be positive"):
+        SearchConfig(teacher="t.pt", steps_per_group=0).validate()
+
+
 def test_search_starts_from_a_trained_student_checkpoint(tmp_path, teacher_checkpoint):
     torch.manual_seed(42)
     trained = models.create("resnet8", num_classes=10, in_channels=1)

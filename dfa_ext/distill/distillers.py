@@ -43,6 +43,9 @@ class Distiller(TrainingTask):
             self.teacher.eval()  # BN running statistics of the teacher never change
         return self
 
+    def frozen_modules(self) -> tuple[nn.Module, ...]:
+        return (self.teacher,) if self.teacher is not None else ()
+
     def _own_state(self) -> dict[str, Tensor]:
         """Everything but the teacher and the student (connectors, aggregation buffers)."""
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import option
@@ -12,6 +13,12 @@ from ..training.run_options import RunOptions
 
 OBJECTIVES = ("bridge", "st", "ts", "distill")
 ORDERS = ("first", "second")
+# The search recipe measured in the README ("Is the search stable?"): beta's gradient is noisy, and
+# Adam turns a noisy gradient into a random walk of size ~lr*sqrt(steps) but a consistent one into
+# a drift of ~lr*steps, so many small steps after a warm-up find the same alpha from every seed
+# where DARTS' few steps found the seed's own.
+DEFAULT_STEPS_PER_GROUP = 1000
+DEFAULT_WARMUP_SHARE = 5  # warm-up: a fifth of each group's steps (the weights learn, beta waits)
 
 
 @dataclass
@@ -33,15 +40,17 @@ class SearchConfig(RunOptions, DataOptions):
     order: str = option("first", "first-order beta gradient, or second-order (DARTS unrolled)", choices=ORDERS)
     fd_radius: float = option(0.01, "second order: finite-difference step eps = fd_radius / |v| (DARTS: 0.01)")
     groups: tuple[int, ...] = option((), "groups to search, 0-based, in this order (default: all)")
-    epochs_per_group: float = option(1.0, "search steps per group, in epochs of the search-train split")
-    steps_per_group: int = option(0, "search steps per group (overrides epochs_per_group when > 0)")
-    warmup_steps: int = option(0, "per group: weight steps (student and connectors) before beta starts to move; "
-                               "they count within the group's steps")
+    epochs_per_group: float | None = option(None, "search steps per group, in epochs of the search-train split "
+                                            "(instead of steps_per_group)")
+    steps_per_group: int | None = option(None, f"search steps per group (default {DEFAULT_STEPS_PER_GROUP} when "
+                                         "epochs_per_group is unset too)")
+    warmup_steps: int | None = option(None, "per group: weight steps (student and connectors) before beta starts to "
+                                      "move; they count within the group's steps (default: a fifth of them)")
     init_student: str | None = option(None, "start the student from this checkpoint (last.pt or best.pt of dfa "
                                       "distill, e.g. --method vanilla or kd) instead of a fresh initialisation")
     val_fraction: float = option(0.5, "share of the training split held out as search-val (seeded, stratified)")
     batch_size: int = option(64, "global batch size of both splits")
-    arch_lr: float = option(3e-4, "Adam learning rate of beta")
+    arch_lr: float = option(3e-3, "Adam learning rate of beta (DARTS: 3e-4, for searches of tens of thousands of steps)")
     arch_betas: tuple[float, ...] = option((0.5, 0.999), "Adam betas of beta")
     arch_weight_decay: float = option(1e-3, "Adam weight decay of beta (the regulariser R)")
     arch_grad_clip: float | None = option(None, "clip the norm of each beta gradient to this value (unset: off)")
@@ -54,6 +63,20 @@ class SearchConfig(RunOptions, DataOptions):
     kernels: str = option("fused", "DFA ops: fused kernels or the pure-PyTorch reference", choices=KERNEL_CHOICES)
     ts_margins: bool = option(False, "apply the teacher's OFD margins in the TS-path aggregation")
 
+    def group_steps(self, steps_per_epoch: int) -> tuple[int, int]:
+        """(steps per group, warm-up steps of each group) for ``steps_per_epoch`` search-train batches."""
+        if self.steps_per_group is not None:
+            steps = self.steps_per_group
+        elif self.epochs_per_group is not None:
+            steps = max(1, math.ceil(self.epochs_per_group * steps_per_epoch))
+        else:
+            steps = DEFAULT_STEPS_PER_GROUP
+        warmup = self.warmup_steps if self.warmup_steps is not None else steps // DEFAULT_WARMUP_SHARE
+        if warmup >= steps:
+            raise ConfigError(f"warmup_steps ({warmup}) must be fewer than the steps per group ({steps}): "
+                              "beta would never move")
+        return steps, warmup
+
     def validate(self, teacher_given: bool = False) -> None:
         super().validate()
         if not self.teacher and not teacher_given:
@@ -64,9 +87,15 @@ class SearchConfig(RunOptions, DataOptions):
             raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.batch_size < 1 or self.steps_per_group < 0 or not self.epochs_per_group > 0:
-            raise ConfigError("batch_size and epochs_per_group must be positive, steps_per_group >= 0")
-        if self.warmup_steps < 0:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if self.steps_per_group is not None and self.epochs_per_group is not None:
+            raise ConfigError("give steps_per_group or epochs_per_group, not both")
+        if self.steps_per_group is not None and self.steps_per_group < 1:
+            raise ConfigError(f"steps_per_group must be positive, got {self.steps_per_group}")
+        if self.epochs_per_group is not None and not self.epochs_per_group > 0:
+            raise ConfigError(f"epochs_per_group must be positive, got {self.epochs_per_group}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.arch_grad_clip is not None and not self.arch_grad_clip > 0:
             raise ConfigError(f"arch_grad_clip must be > 0 (or unset), got {self.arch_grad_clip}")

@@ -8,7 +8,6 @@ the checkpoint holds weights, beta, both optimisers and the trajectory so far.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -94,10 +93,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the number of processes {dist.world_size}")
     per_rank = config.batch_size // dist.world_size
     steps_per_epoch = max(len(search_train) // config.batch_size, 1)
-    steps_per_group = config.steps_per_group or max(1, math.ceil(config.epochs_per_group * steps_per_epoch))
-    if config.warmup_steps >= steps_per_group:
-        raise ConfigError(f"warmup_steps ({config.warmup_steps}) must be fewer than the steps per group "
-                          f"({steps_per_group}): beta would never move")
+    steps_per_group, warmup_steps = config.group_steps(steps_per_epoch)
     total_steps = steps_per_group * len(groups)
 
     weight_optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
@@ -111,11 +107,12 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     # Only one group's connectors take part in a step, hence find_unused_parameters.
     ddp_net = wrap_ddp(net, device, dist, sync_bn=config.sync_bn, find_unused_parameters=True)
 
-    settings = config_dict(config)
+    settings = {**config_dict(config), "epochs_per_group": None, "steps_per_group": steps_per_group,
+                "warmup_steps": warmup_steps}  # as resolved
     signature = {"teacher": teacher_record["name"], "student": config.student, "data": config.data,
                  "seed": config.seed, "batch_size": config.batch_size, "groups": groups,
                  "steps_per_group": steps_per_group, "objective": config.objective, "order": config.order,
-                 "warmup_steps": config.warmup_steps, "init_student": config.init_student}
+                 "warmup_steps": warmup_steps, "init_student": config.init_student}
     last_path = out / "last.pt"
     layer_names = [p.teacher_layer_names for p in pairs]
     step, trajectory, elapsed = 0, AlphaTrajectory(layer_names), 0.0
@@ -191,7 +188,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                 param_group["lr"] = config.lr_min + schedule(step)
             train, val = batch(streams["train"], group), batch(streams["val"], group)
             net.train()
-            if step % steps_per_group >= config.warmup_steps:  # warm-up: the weights learn, beta waits
+            if step % steps_per_group >= warmup_steps:  # warm-up: the weights learn, beta waits
                 architect.step(group, train, val, weight_optimizer)
             with autocast:
                 _, losses = ddp_net(train.images, train.labels, train.teacher[group], betas[group].detach(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Callable
 
 import torch
 from types import FrameType
@@ -29,11 +30,14 @@ class InterruptGuard:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
         self.requested = False
+        self.on_signal = on_signal  # called first with each signal (e.g. to pass it on to workers)
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.on_signal is not None:
+            self.on_signal(signum)
         if self.requested:  # second signal: the user really wants out now
             raise KeyboardInterrupt
         self.requested = True

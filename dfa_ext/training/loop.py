@@ -82,6 +82,11 @@ class TrainingTask(nn.Module):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def frozen_modules(self) -> Iterable[nn.Module]:
+        """Modules that never learn (a teacher): they keep the preferred layout even when the
+        trainable ones cannot use it (see ``RunOptions.memory_format_for``)."""
+        return ()
+
     def export_state(self) -> dict:
         """What a checkpoint keeps (at least ``"model"``, a record for ``model_from_checkpoint``)."""
         raise NotImplementedError
@@ -178,6 +183,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
 
     memory_format = config.memory_format_for(task, device)
     task.to(device, memory_format=memory_format)
+    for frozen in task.frozen_modules():
+        frozen.to(memory_format=config.memory_format)
     model = wrap_ddp(task, device, dist, sync_bn=config.sync_bn,
                      find_unused_parameters=task.has_unused_parameters)  # what the steps run
     optimizer = make_sgd(task.trainable_parameters(), lr=config.lr, momentum=config.momentum,
