@@ -71,8 +71,13 @@ def final_top1(run_dir: str | os.PathLike) -> float:
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         return math.nan
-    rows = [r for r in csv.DictReader(path.open()) if not math.isnan(float(r["test_top1"]))]
-    return float(rows[-1]["test_top1"]) if rows else math.nan
+    rows = list(csv.DictReader(path.open()))
+    config = Path(run_dir) / "config.json"
+    epochs = json.loads(config.read_text()).get("epochs") if config.is_file() else None
+    if not rows or (epochs is not None and int(rows[-1]["epoch"]) + 1 < epochs):
+        return math.nan  # not finished
+    tested = [r for r in rows if not math.isnan(float(r["test_top1"]))]
+    return float(tested[-1]["test_top1"]) if tested else math.nan
 
 
 def top1_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:

@@ -1,0 +1,296 @@
+"""The DFA study of bench/RESULTS.md: every number there comes from one of these commands.
+
+    python experiments/study.py regime     [--seeds 0 1 2 3 4] [--workers 2] [--out runs/study]
+    python experiments/study.py stability  [--search-seeds 0 1 2]
+    python experiments/study.py compare    [--seeds ...]
+    python experiments/study.py ablation
+    python experiments/study.py oracle
+    python experiments/study.py margins
+
+Each study is a list of ``dfa`` commands (printed, and logged to OUT/commands.log) run in worker
+processes, then a Markdown report (printed and written to OUT/STUDY.md) computed from the run
+folders. Runs already finished are not trained again, so a study can be interrupted and rerun, and
+studies share their runs (the teacher, the vanilla students, the searches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runner import command_line, final_top1, run_jobs, searched_alpha, top1_curve  # noqa: E402
+
+from dfa_ext.results_table import RunResult, paired_difference, summarize  # noqa: E402
+
+PRESET = "mnist-1k"
+QUIET = ["--no-progress", "--no-tensorboard"]
+
+
+@dataclass
+class Study:
+    """Stages of ``dfa`` argument lists (each stage needs the previous one) and a report."""
+
+    out: Path
+    seeds: list[int]
+    search_seeds: list[int]
+    stages: list[list[list[str]]] = field(default_factory=list)
+
+    # -- the runs every study is made of --------------------------------------------------------
+
+    @property
+    def teacher(self) -> str:
+        return str(self.out / "teacher" / "last.pt")
+
+    def teacher_job(self) -> list[str]:
+        return ["train-teacher", "--preset", PRESET, "--out", str(self.out / "teacher"), *QUIET]
+
+    def distill_dir(self, name: str, seed: int) -> Path:
+        return self.out / "distill" / name / f"seed{seed}"
+
+    def distill_job(self, name: str, method: str, seed: int, *extra: str) -> list[str]:
+        teacher = [] if method == "vanilla" else ["--teacher", self.teacher]
+        return ["distill", "--preset", PRESET, "--method", method, *teacher, "--seed", str(seed),
+                "--out", str(self.distill_dir(name, seed)), *extra, *QUIET]
+
+    def search_dir(self, name: str, seed: int) -> Path:
+        return self.out / "search" / name / f"seed{seed}"
+
+    def search_job(self, name: str, seed: int, *extra: str) -> list[str]:
+        return ["search", "--preset", PRESET, "--teacher", self.teacher, "--seed", str(seed),
+                "--out", str(self.search_dir(name, seed)), *extra, *QUIET]
+
+    def results(self, names: list[str], seeds: list[int] | None = None) -> list[RunResult]:
+        runs = []
+        for name in names:
+            for seed in seeds if seeds is not None else self.seeds:
+                top1 = final_top1(self.distill_dir(name, seed))
+                if not math.isnan(top1):
+                    runs.append(RunResult(name, seed, top1, top1, math.nan, math.nan))
+        return runs
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def method_table(study: Study, names: list[str], baseline: str | None = None, reference: str | None = None) -> str:
+    """Mean ± std of final top-1 per run name; paired differences ``reference - X`` under it."""
+    runs = study.results(names)
+    lines = ["| method | seeds | top-1 % (final) |", "|---|---:|---:|"]
+    for s in summarize(runs):
+        lines.append(f"| {s.method} | {s.runs} | {mean_std([r.last_top1 for r in runs if r.method == s.method])} |")
+    text = "\n".join(lines) + "\n"
+    if reference is not None:
+        others = [n for n in names if n != reference and any(r.method == n for r in runs)]
+        text += "\n" + "".join(f"- {paired_difference(runs, reference, o).line()}\n" for o in others
+                               if any(r.method == reference for r in runs))
+    return text
+
+
+# ---- the studies --------------------------------------------------------------------------------
+
+def regime(study: Study) -> str:
+    """Is there room for a teacher, and has training converged (the last 20 epochs move top-1 by
+    less than the seeds spread it)? vanilla and kd students at the preset's epochs."""
+    vanilla = [study.distill_job("vanilla", "vanilla", s) for s in study.seeds]
+    kd = [study.distill_job("kd", "kd", s) for s in study.seeds]
+    study.stages = [[study.teacher_job(), *vanilla], kd]  # the vanilla students need no teacher
+
+    def report() -> str:
+        teacher = final_top1(study.out / "teacher")
+        text = f"Teacher (ResNet-20): {teacher:.2f} % test top-1.\n\n"
+        text += method_table(study, ["vanilla", "kd"])
+        for name in ("vanilla", "kd"):
+            curves = [top1_curve(study.distill_dir(name, s)) for s in study.seeds]
+            moves = [c[-1][1] - c[-3][1] for c in curves if len(c) >= 3]
+            finals = [r.last_top1 for r in study.results([name])]
+            text += (f"\n{name}: top-1 change over the last 20 epochs {mean_std(moves)} points "
+                     f"(seed std of the final top-1: {mean_std(finals).split(' ± ')[-1]})")
+        vanilla = [r.last_top1 for r in study.results(["vanilla"])]
+        if vanilla:
+            text += f"\n\nTeacher - vanilla: {teacher - statistics.fmean(vanilla):.2f} points.\n"
+        return text
+    return report
+
+
+SEARCH_VARIANTS: dict[str, list[str]] = {
+    # name -> dfa search options (besides the preset, teacher, seed and output); {OUT} and {SEED}
+    # are replaced by the study folder and the search seed.
+    "short-60": ["--steps-per-group", "60", "--arch-lr", "0.02", "--warmup-steps", "0"],
+    "warm-400": ["--steps-per-group", "400", "--warmup-steps", "200", "--arch-lr", "0.01"],  # = the defaults
+    "warm-400-ts3": ["--steps-per-group", "400", "--warmup-steps", "200", "--arch-lr", "0.01", "--gamma-ts", "3"],
+    "warm-400-clip": ["--steps-per-group", "400", "--warmup-steps", "200", "--arch-lr", "0.01",
+                      "--arch-grad-clip", "0.02"],
+    "warm-400-lr3e-3": ["--steps-per-group", "400", "--warmup-steps", "200", "--arch-lr", "0.003"],
+    "warm-1000-lr3e-3": ["--steps-per-group", "1000", "--warmup-steps", "200", "--arch-lr", "0.003"],
+    "init-vanilla": ["--init-student", "{OUT}/distill/vanilla/seed{SEED}/last.pt", "--steps-per-group", "300",
+                     "--warmup-steps", "100", "--arch-lr", "0.01"],
+    "init-kd": ["--init-student", "{OUT}/distill/kd/seed{SEED}/last.pt", "--steps-per-group", "300",
+                "--warmup-steps", "100", "--arch-lr", "0.01"],
+}
+
+
+def stability(study: Study, variants: list[str]) -> str:
+    """Alpha over search seeds: mean ± std per group and layer, and the leading layer of each seed."""
+    jobs = []
+    for name in variants:
+        extra = SEARCH_VARIANTS[name]
+        for seed in study.search_seeds:
+            args = [a.replace("{SEED}", str(seed)).replace("{OUT}", str(study.out)) for a in extra]
+            jobs.append(study.search_job(name, seed, *args))
+    students = [study.distill_job(m, m, s) for m in ("vanilla", "kd") for s in study.search_seeds
+                if any(f"{{OUT}}/distill/{m}/" in a for n in variants for a in SEARCH_VARIANTS[n])]
+    study.stages = [[study.teacher_job()], students, jobs]
+
+    def report() -> str:
+        lines = ["| variant | group | alpha per layer, mean ± std over seeds | leading layer per seed | lead - 1/K |",
+                 "|---|---:|---|---|---:|"]
+        for name in variants:
+            alphas = [searched_alpha(study.search_dir(name, s)) for s in study.search_seeds
+                      if (study.search_dir(name, s) / "search.json").is_file()]
+            if not alphas:
+                continue
+            for g in range(len(alphas[0])):
+                per_layer = [[a[g][j] for a in alphas] for j in range(len(alphas[0][g]))]
+                means = [statistics.fmean(v) for v in per_layer]
+                spread = [statistics.stdev(v) if len(v) > 1 else math.nan for v in per_layer]
+                leads = [max(range(len(a[g])), key=a[g].__getitem__) for a in alphas]
+                cells = " ".join(f"{m:.2f}±{s:.2f}" for m, s in zip(means, spread))
+                lines.append(f"| {name} | {g} | {cells} | {' '.join(map(str, leads))} | "
+                             f"{max(means) - 1 / len(means):+.2f} |")
+        return "\n".join(lines) + "\n"
+    return report
+
+
+def gamma(study: Study, values: list[str]) -> str:
+    """The feature-loss weight: OFD and DFA (the default search of each seed) at other values of
+    --gamma-fd than the default 1e-3 (the compare study's ofd and dfa runs)."""
+    runs = [j for g in values for j in (*(study.distill_job(f"ofd-gamma{g}", "ofd", s, "--gamma-fd", g) for s in study.seeds),
+                                        *dfa_jobs(study, f"dfa-gamma{g}", "dfa", "default", "--gamma-fd", g))]
+    study.stages = [[study.teacher_job()], searches(study, "default"), runs]
+    names = ["vanilla", "ofd", "dfa", *(f"{m}-gamma{g}" for g in values for m in ("ofd", "dfa"))]
+    return lambda: method_table(study, names, reference="vanilla") + "".join(
+        f"- {paired_difference(study.results([f'dfa-gamma{g}', f'ofd-gamma{g}']), f'dfa-gamma{g}', f'ofd-gamma{g}').line()}\n"
+        for g in values if study.results([f"dfa-gamma{g}"]))
+
+
+COMPARED = ("vanilla", "kd", "ofd", "uniform", "random", "dfa", "ofd+kd", "dfa+kd")
+
+
+def searches(study: Study, name: str, *extra: str) -> list[list[str]]:
+    """One search per seed (the stage-2 run of seed s uses the search of seed s: the whole pipeline)."""
+    return [study.search_job(name, s, *extra) for s in study.seeds]
+
+
+def dfa_jobs(study: Study, name: str, method: str, search: str, *extra: str) -> list[list[str]]:
+    return [study.distill_job(name, method, s, "--aggregation", str(study.search_dir(search, s) / "search.json"), *extra)
+            for s in study.seeds]
+
+
+def compare(study: Study) -> str:
+    """Every method over the seeds; DFA with the default search recipe, one search per seed."""
+    baselines = [study.distill_job(m, m, s, *(["--aggregation-seed", str(s)] if m == "random" else []))
+                 for m in COMPARED if "dfa" not in m and "+kd" not in m for s in study.seeds]
+    study.stages = [[study.teacher_job()], [*searches(study, "default"), *baselines],
+                    [*dfa_jobs(study, "dfa", "dfa", "default"),  # the combined methods last: the least needed
+                     *(study.distill_job("ofd+kd", "ofd+kd", s) for s in study.seeds[:3]),  # 3 seeds: time
+                     *dfa_jobs(study, "dfa+kd", "dfa+kd", "default")[:3]]]
+    return lambda: method_table(study, list(COMPARED), reference="dfa") + "\n" + method_table(
+        study, ["ofd+kd", "dfa+kd", "kd"], reference="dfa+kd")
+
+
+def ablation(study: Study, distilled: list[str]) -> str:
+    """The search objective: the bridge loss (default) against one path only and the plain
+    distillation loss, each searched once per seed; the alpha of the objectives ``distilled`` is
+    then distilled too."""
+    objectives = ("st", "ts", "distill")
+    study.stages = [[study.teacher_job()],
+                    [*searches(study, "default"), *(j for o in objectives for j in searches(study, o, "--objective", o))],
+                    [*dfa_jobs(study, "dfa", "dfa", "default"),
+                     *(j for o in distilled for j in dfa_jobs(study, f"dfa-{o}", "dfa", o))]]
+
+    def report() -> str:
+        text = method_table(study, ["dfa", *(f"dfa-{o}" for o in objectives), "ofd"], reference="dfa")
+        lines = ["\n| objective | group | alpha per layer, mean ± std over seeds |", "|---|---:|---|"]
+        for name in ("default", *objectives):
+            alphas = [searched_alpha(study.search_dir(name, s)) for s in study.seeds
+                      if (study.search_dir(name, s) / "search.json").is_file()]
+            for g in range(len(alphas[0]) if alphas else 0):
+                cells = " ".join(mean_std([a[g][j] for a in alphas]).replace(" ", "") for j in range(len(alphas[0][g])))
+                lines.append(f"| {'bridge' if name == 'default' else name} | {g} | {cells} |")
+        return text + "\n".join(lines) + "\n"
+    return report
+
+
+ORACLE = {"first": "1 0 0", "middle": "0 1 0", "middle+last": "0 1 1"}  # with ofd (0 0 1) and uniform (1 1 1)
+
+
+def oracle(study: Study) -> str:
+    """Fixed alphas (the same in every group) on a grid of the simplex: how good is the best fixed
+    aggregation, and where does the search land among them?"""
+    runs = [study.distill_job(_alpha_name(a), "fixed", s, "--alpha", *a.split()) for a in ORACLE.values()
+            for s in study.seeds]
+    study.stages = [[study.teacher_job()], runs]
+    return lambda: method_table(study, ["ofd", "uniform", *(_alpha_name(a) for a in ORACLE.values()), "dfa"],
+                                reference="ofd")
+
+
+def _alpha_name(alpha: str) -> str:
+    return "alpha-" + alpha.replace(" ", "-")
+
+
+def margins(study: Study) -> str:
+    """Margin variants: OFD's BN estimate per layer (default), measured margins, and the margin
+    applied once to the aggregation (the paper's F_t(A))."""
+    runs = [study.distill_job("ofd-empirical", "ofd", s, "--margins", "empirical") for s in study.seeds]
+    runs += dfa_jobs(study, "dfa-aggregate", "dfa", "default", "--margin-place", "aggregate")
+    runs += dfa_jobs(study, "dfa-empirical", "dfa", "default", "--margins", "empirical")
+    study.stages = [[study.teacher_job()], searches(study, "default"), runs]
+    return lambda: method_table(study, ["ofd", "ofd-empirical", "dfa", "dfa-aggregate", "dfa-empirical"],
+                                reference="dfa")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=["regime", "stability", "gamma", "compare", "ablation", "oracle", "margins"])
+    parser.add_argument("--gamma", nargs="+", default=["1e-3", "3e-4", "1e-4"], help="gamma: the values of --gamma-fd")
+    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(SEARCH_VARIANTS), choices=list(SEARCH_VARIANTS))
+    parser.add_argument("--distilled", nargs="*", default=["st", "ts", "distill"], choices=["st", "ts", "distill"],
+                        help="ablation: the objectives whose alpha is also distilled")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--report-only", action="store_true", help="report the runs that exist; train nothing")
+    args = parser.parse_args(argv)
+    study = Study(Path(args.out), args.seeds, args.search_seeds)
+    report = {"regime": lambda: regime(study), "stability": lambda: stability(study, args.variants),
+              "gamma": lambda: gamma(study, args.gamma), "compare": lambda: compare(study),
+              "ablation": lambda: ablation(study, args.distilled), "oracle": lambda: oracle(study),
+              "margins": lambda: margins(study)}[args.study]()
+    log = study.out / "commands.log"
+    study.out.mkdir(parents=True, exist_ok=True)
+    for stage in study.stages:
+        if args.dry_run:
+            print("\n".join(command_line(j) for j in stage))
+        elif not args.report_only:
+            run_jobs(stage, workers=args.workers, log=log)
+    if not args.dry_run:
+        text = f"## {args.study}\n\n`python experiments/study.py {' '.join(argv or sys.argv[1:])}`\n\n{report()}"
+        print(text)
+        (study.out / f"{args.study}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
