@@ -232,9 +232,9 @@ def test_warmup_holds_beta_still_until_it_ends_while_the_weights_learn(tmp_path,
 def test_default_search_length_and_warmup_follow_the_recipe_and_options_override_them():
     from dfa_ext.search.config import DEFAULT_STEPS_PER_GROUP
 
-    assert SearchConfig().group_steps(steps_per_epoch=7) == (DEFAULT_STEPS_PER_GROUP, DEFAULT_STEPS_PER_GROUP // 5)
-    assert SearchConfig(steps_per_group=10).group_steps(7) == (10, 2)  # the warm-up follows the length
-    assert SearchConfig(epochs_per_group=2.5).group_steps(7) == (18, 3)
+    assert SearchConfig().group_steps(steps_per_epoch=7) == (DEFAULT_STEPS_PER_GROUP, DEFAULT_STEPS_PER_GROUP // 2)
+    assert SearchConfig(steps_per_group=10).group_steps(7) == (10, 5)  # the warm-up follows the length
+    assert SearchConfig(epochs_per_group=2.5).group_steps(7) == (18, 9)
     assert SearchConfig(steps_per_group=10, warmup_steps=0).group_steps(7) == (10, 0)
     with pytest.raises(ConfigError, match="not both"):
         SearchConfig(teacher="t.pt", steps_per_group=10, epochs_per_group=1.0).validate()

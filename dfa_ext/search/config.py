@@ -13,12 +13,12 @@ from ..training.run_options import RunOptions
 
 OBJECTIVES = ("bridge", "st", "ts", "distill")
 ORDERS = ("first", "second")
-# The search recipe measured in the README ("Is the search stable?"): beta's gradient is noisy, and
-# Adam turns a noisy gradient into a random walk of size ~lr*sqrt(steps) but a consistent one into
-# a drift of ~lr*steps, so many small steps after a warm-up find the same alpha from every seed
-# where DARTS' few steps found the seed's own.
-DEFAULT_STEPS_PER_GROUP = 1000
-DEFAULT_WARMUP_SHARE = 5  # warm-up: a fifth of each group's steps (the weights learn, beta waits)
+# The search recipe measured in the README ("Is the search stable?"): beta's gradient is noisy and
+# at first dominated by the fresh student's random features, so beta waits while the weights warm
+# up for half of each group's steps, then moves for the other half. Shorter searches without a
+# warm-up found the seed's alpha; much longer ones drift back towards the first block.
+DEFAULT_STEPS_PER_GROUP = 400
+DEFAULT_WARMUP_SHARE = 2  # warm-up: half of each group's steps (the weights learn, beta waits)
 
 
 @dataclass
@@ -45,12 +45,12 @@ class SearchConfig(RunOptions, DataOptions):
     steps_per_group: int | None = option(None, f"search steps per group (default {DEFAULT_STEPS_PER_GROUP} when "
                                          "epochs_per_group is unset too)")
     warmup_steps: int | None = option(None, "per group: weight steps (student and connectors) before beta starts to "
-                                      "move; they count within the group's steps (default: a fifth of them)")
+                                      "move; they count within the group's steps (default: half of them)")
     init_student: str | None = option(None, "start the student from this checkpoint (last.pt or best.pt of dfa "
                                       "distill, e.g. --method vanilla or kd) instead of a fresh initialisation")
     val_fraction: float = option(0.5, "share of the training split held out as search-val (seeded, stratified)")
     batch_size: int = option(64, "global batch size of both splits")
-    arch_lr: float = option(3e-3, "Adam learning rate of beta (DARTS: 3e-4, for searches of tens of thousands of steps)")
+    arch_lr: float = option(1e-2, "Adam learning rate of beta (DARTS: 3e-4, for searches of tens of thousands of steps)")
     arch_betas: tuple[float, ...] = option((0.5, 0.999), "Adam betas of beta")
     arch_weight_decay: float = option(1e-3, "Adam weight decay of beta (the regulariser R)")
     arch_grad_clip: float | None = option(None, "clip the norm of each beta gradient to this value (unset: off)")
