@@ -2,8 +2,9 @@
 
 Each subcommand's options come from its configuration dataclass (see :mod:`dfa_ext.config`), so
 ``--help``, the Python API and YAML/JSON config files (``--config FILE``) always agree. Errors a
-user can cause end with one line on stderr and exit status 2; an interrupted run exits with 130
-after saving its checkpoint.
+user can cause end with one line on stderr and exit status 2; a run that diverged (a NaN or
+infinite loss, gradient or beta) with 3, its last checkpoint holding the last finite state; an
+interrupted run exits with 130 after saving its checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import typing
 from typing import Any, Callable, Sequence
 
-from .errors import DfaError
+from .errors import DfaError, TrainingDiverged
 
 
 def _parse_key_value(text: str) -> tuple[str, Any]:
@@ -25,7 +26,13 @@ def _parse_key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), yaml.safe_load(value)  # "3" -> 3, "true" -> True, "a" -> "a"
+    parsed = yaml.safe_load(value)  # "3" -> 3, "true" -> True, "a" -> "a"
+    if isinstance(parsed, str):  # YAML 1.1 reads "1e5" and "3e-4" as strings; a user means numbers
+        try:
+            parsed = float(parsed) if parsed.strip().lower() not in ("nan", "inf", "infinity") else parsed
+        except ValueError:
+            pass
+    return key.replace("-", "_"), parsed
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -221,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         print(f"dfa: {stop}", file=sys.stderr)
         return 130
+    except TrainingDiverged as error:
+        print(f"dfa: error: {error}", file=sys.stderr)
+        return 3
     except DfaError as error:
         print(f"dfa: error: {error}", file=sys.stderr)
         return 2

@@ -29,3 +29,10 @@ class CheckpointError(DfaError, ValueError):
 
 class ConfigError(DfaError, ValueError):
     """A bad option value or configuration file."""
+
+
+class TrainingDiverged(DfaError):
+    """A loss, gradient or weight became NaN or infinite; the last checkpoint holds the last finite
+    state (the ``dfa`` command exits with status 3). ``step`` is where it was first seen."""
+
+    step: int = -1

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -132,13 +132,20 @@ class Architect:
         slope = 1.0 + group_settings["momentum"] if group_settings["nesterov"] else 1.0
         return d_beta - xi * slope * hessian_vector
 
-    def step(self, group: int, train: Batch, val: Batch, weight_optimizer: torch.optim.SGD | None = None) -> Tensor:
-        """One Adam step of beta_group; returns the (process-averaged, clipped) gradient used."""
+    def step(self, group: int, train: Batch, val: Batch, weight_optimizer: torch.optim.SGD | None = None,
+             allow: Callable[[Tensor], bool] | None = None) -> Tensor:
+        """One Adam step of beta_group; returns the (process-averaged, clipped) gradient used.
+
+        ``allow`` (the divergence guard) sees that gradient first; when it says no, beta and
+        Adam's state stay as they were.
+        """
         grad = self.gradient(group, train, val, weight_optimizer)
         if self.dist.active:
             grad = (self.dist.all_reduce_sum(grad) / self.dist.world_size).to(grad)
         if self.grad_clip is not None:  # on the device: no host sync
             grad = grad * (self.grad_clip / grad.norm().clamp_min(self.grad_clip))
+        if allow is not None and not allow(grad):
+            return grad
         beta = self.betas[group]
         beta.grad = grad.to(beta.dtype)
         self.optimizers[group].step()

@@ -24,9 +24,10 @@ from ..errors import ConfigError
 from ..margins import teacher_margins
 from ..training.checkpoint import (atomic_write_text, check_same_run, load_checkpoint, model_record, save_checkpoint)
 from ..training.distributed import current_context, wrap_ddp
+from ..training.finite import CHECK_EVERY, SEARCH_HINT, FiniteGuard, check_all
 from ..training.interrupt import InterruptGuard, TrainingInterrupted, stop_requested
 from ..training.optim_step import optimizer_step
-from ..training.progress import progress_bar
+from ..training.progress import progress_bar, say
 from ..training.run_options import autocast_for, resolve_device
 from ..training.schedule import LrSchedule
 from ..training.seeding import rng_state, seed_everything, set_deterministic, set_rng_state
@@ -38,7 +39,7 @@ from .plot import plot_alpha
 from .result import SearchResult, file_sha256, save_search_result
 from .trajectory import AlphaTrajectory
 
-REPORT_EVERY = 10  # steps between progress-bar / TensorBoard readouts
+REPORT_EVERY = CHECK_EVERY  # steps between progress-bar / TensorBoard readouts (both read the device)
 
 
 def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = None,
@@ -104,6 +105,11 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                           fd_radius=config.fd_radius, grad_clip=config.arch_grad_clip, autocast=autocast,
                           dist=dist)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    # Two guards: beta and the weights are two updates each step, dropped separately in skip mode;
+    # only the weights' step goes through the gradient scaler.
+    arch_guard = FiniteGuard(config.on_nonfinite, config.max_consecutive_skips, device, dist=dist, hint=SEARCH_HINT)
+    weight_guard = FiniteGuard(config.on_nonfinite, config.max_consecutive_skips, device,
+                               loss_scaling=scaler.is_enabled(), dist=dist, hint=SEARCH_HINT)
     # Only one group's connectors take part in a step, hence find_unused_parameters.
     ddp_net = wrap_ddp(net, device, dist, sync_bn=config.sync_bn, find_unused_parameters=True)
 
@@ -131,6 +137,13 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, trajectory, elapsed = state["step"], AlphaTrajectory(layer_names, state["trajectory"]), state["seconds"]
+        for guard, saved in zip((arch_guard, weight_guard), state.get("nonfinite", ({}, {}))):
+            guard.load_state_dict(saved)
+            guard.saved = f"{last_path} holds the state after step {step}"
+        if dist.is_main:
+            say(f"{out} holds a finished search ({step} steps): not searching again" if step >= total_steps else
+                f"resuming {last_path}: group {groups[step // steps_per_group]} "
+                f"({step // steps_per_group + 1}/{len(groups)}), step {step}/{total_steps}")
     else:
         if config.init_student:
             load_student(student, config.init_student, config.student, config.student_options)
@@ -138,6 +151,10 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
             atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
 
     def checkpoint() -> None:
+        check_all((arch_guard, weight_guard))  # a diverged search stops here, before anything is written
+        weight_guard.verify({"net": net.state_dict(), "betas": list(betas),
+                             "weight_optimizer": weight_optimizer.state_dict(),
+                             "architect": architect.state_dict()}, last_path)
         trajectory.flush()
         if dist.is_main:
             save_checkpoint(last_path, {
@@ -147,7 +164,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                                         config.student_options),
                 "weight_optimizer": weight_optimizer.state_dict(), "architect": architect.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
-                "trajectory": trajectory.rows, "seconds": elapsed + time.perf_counter() - started})
+                "trajectory": trajectory.rows, "nonfinite": [g.state_dict() for g in (arch_guard, weight_guard)],
+                "seconds": elapsed + time.perf_counter() - started})
             trajectory.write_csv(out / "alpha_trajectory.csv")
         dist.barrier()
 
@@ -189,12 +207,18 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
             train, val = batch(streams["train"], group), batch(streams["val"], group)
             net.train()
             if step % steps_per_group >= warmup_steps:  # warm-up: the weights learn, beta waits
-                architect.step(group, train, val, weight_optimizer)
+                architect.step(group, train, val, weight_optimizer,
+                               allow=lambda grad: arch_guard.observe(step + 1, config.arch_lr, {
+                                   "beta gradient": grad, "beta": betas[group]}))
             with autocast:
                 _, losses = ddp_net(train.images, train.labels, train.teacher[group], betas[group].detach(),
                                     group, True)
-            optimizer_step(sum(losses.values()), weight_optimizer, scaler, net.parameters(), config.grad_clip)
+            lr = weight_optimizer.param_groups[0]["lr"]
+            optimizer_step(sum(losses.values()), weight_optimizer, scaler, net.parameters(), config.grad_clip,
+                           lambda norm: weight_guard.observe(step + 1, lr, {**losses, "gradient norm": norm}))
             step += 1
+            if step % CHECK_EVERY == 0:
+                check_all((arch_guard, weight_guard))
             trajectory.record(step, group, betas[group])
             if bar is not None:
                 bar.set_description(f"group {groups.index(group) + 1}/{len(groups)}")

@@ -31,11 +31,18 @@ class DistContext:
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of ``values`` over all processes (a float64 copy; the input is not modified)."""
+        return self._all_reduce(values, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of ``values`` over all processes (a float64 copy on the CPU)."""
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values: torch.Tensor, op: "dist.ReduceOp") -> torch.Tensor:
         total = values.detach().to(torch.float64).clone()
         if self.active:
             if dist.get_backend() == "nccl":
                 total = total.cuda()
-            dist.all_reduce(total)
+            dist.all_reduce(total, op=op)
         return total.cpu()
 
     def average_(self, tensors: list[torch.Tensor]) -> None:

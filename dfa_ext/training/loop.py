@@ -26,10 +26,11 @@ from ..errors import ConfigError
 from .checkpoint import atomic_write_text, check_same_run, load_checkpoint, save_checkpoint
 from .distributed import DistContext, current_context, wrap_ddp
 from .evaluate import correct_at_k, evaluate
+from .finite import CHECK_EVERY, FiniteGuard
 from .interrupt import InterruptGuard, TrainingInterrupted, stop_requested
 from .metrics_log import MetricsLog
 from .optim_step import optimizer_step
-from .progress import progress_bar, report
+from .progress import progress_bar, report, say
 from .schedule import SCHEDULES, LrSchedule, make_sgd
 from .run_options import RunOptions, autocast_for, resolve_device
 from .seeding import rng_state, set_deterministic, set_rng_state
@@ -113,7 +114,7 @@ class FitResult:
         return self.out_dir / "last.pt"
 
 
-POSTFIX_EVERY = 10  # steps between progress-bar loss readouts
+POSTFIX_EVERY = CHECK_EVERY  # steps between progress-bar loss readouts (both read the device)
 
 
 class EpochSums:
@@ -131,11 +132,14 @@ class EpochSums:
             self.values[key] = torch.tensor(value, dtype=torch.float64, device=device)
 
     def add(self, labels: torch.Tensor, logits: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
-        count = labels.numel()
+        """Adds a step's batch; a step with a non-finite loss adds nothing (its update was dropped:
+        ``--on-nonfinite skip`` or fp16 loss scaling), decided on the device."""
+        finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()]).all().double()
+        count = labels.numel() * finite
         self.values["samples"] += count
-        self.values["correct"] += correct_at_k(logits.detach(), labels, 1)
+        self.values["correct"] += correct_at_k(logits.detach(), labels, 1) * finite
         for name, value in losses.items():
-            total = value.detach().double() * count
+            total = torch.where(finite > 0, value.detach().double(), 0.0) * count
             if name in self.values:
                 self.values[name] += total
             else:
@@ -190,6 +194,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     optimizer = make_sgd(task.trainable_parameters(), lr=config.lr, momentum=config.momentum,
                          nesterov=config.nesterov, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    nonfinite = FiniteGuard(config.on_nonfinite, config.max_consecutive_skips, device,
+                        loss_scaling=scaler.is_enabled(), dist=dist)
     steps_per_epoch = len(make_loader(data.train, per_rank_batch, train=True, seed=config.seed,
                                       rank=dist.rank, world_size=dist.world_size))
     if steps_per_epoch == 0:
@@ -208,18 +214,30 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        nonfinite.load_state_dict(state.get("nonfinite"))
         epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         best_top1, sums, elapsed = state["best_top1"], state.get("epoch_sums"), state.get("seconds", 0.0)
+        nonfinite.saved = f"{last_path} holds the state after step {step}"
+        if dist.is_main:
+            say(f"{out} holds a finished run ({epoch} epochs, {step} steps, best test top-1 {best_top1:.2f}%): "
+                "not training it again" if epoch >= config.epochs else
+                f"resuming {last_path}: epoch {epoch + 1}/{config.epochs}, step {step}")
     if settings is not None and dist.is_main:
         atomic_write_text(out / "config.json", json.dumps(settings, indent=2) + "\n")
 
+    def verify(path: Path) -> None:
+        """Stops a diverged run before ``path`` is written or the weights are evaluated."""
+        nonfinite.verify({"weights": task.state_dict(), "optimizer": optimizer.state_dict()}, path)
+
     def checkpoint(next_epoch: int, next_batch: int, epoch_sums: dict | None) -> None:
+        verify(last_path)
         if dist.is_main:
             save_checkpoint(last_path, {
                 "kind": kind, "signature": signature, **(extra_state or {}), **task.export_state(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 "epoch": next_epoch, "batch": next_batch, "step": step, "best_top1": best_top1,
-                "epoch_sums": epoch_sums, "seconds": seconds()})
+                "epoch_sums": epoch_sums, "nonfinite": nonfinite.state_dict(), "seconds": seconds()})
+        nonfinite.saved = f"{last_path} holds the state after step {step}"
         dist.barrier()
 
     log = MetricsLog(out, start_epoch=epoch, tensorboard=config.tensorboard, enabled=dist.is_main)
@@ -249,13 +267,17 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                     with autocast:
                         logits, losses = model(images, labels)
                     loss = sum(losses.values())
-                    optimizer_step(loss, optimizer, scaler, task.trainable_parameters(), config.grad_clip)
+                    applied = optimizer_step(loss, optimizer, scaler, task.trainable_parameters(), config.grad_clip,
+                                             lambda norm: nonfinite.observe(step + 1, lr, {**losses, "gradient norm": norm}))
                     step, batch = step + 1, batch + 1
-                    sums.add(labels, logits, losses)
+                    if applied:
+                        sums.add(labels, logits, losses)
+                    if step % CHECK_EVERY == 0:
+                        nonfinite.check()
                     if bar is not None:
                         bar.update(1)
                         if batch % POSTFIX_EVERY == 0:  # reading the loss syncs a GPU: not every step
-                            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.4g}")
+                            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.4g}")
                     if on_step is not None:
                         on_step(step)
                     if stop_requested(guard, dist, step):
@@ -265,6 +287,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                         checkpoint(epoch, batch, sums.as_dict())
                 if bar is not None:
                     bar.close()
+                verify(last_path)  # before the epoch's numbers, its evaluation and its checkpoints
                 local = sums.as_dict()
                 totals = dict(zip(local, dist.all_reduce_sum(torch.tensor(list(local.values()))).tolist()))
                 samples = max(totals.pop("samples"), 1.0)
@@ -281,6 +304,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                     test, improved = {"loss": math.nan, "top1": math.nan, "top5": math.nan}, False
                 metrics = {**train, **{f"test_{k}": v for k, v in test.items()}, "lr": lr,
                            "seconds": seconds()}
+                if nonfinite.mode == "skip" or nonfinite.loss_scaling:  # steps so far whose update was dropped
+                    metrics["skipped_steps"] = float(nonfinite.skipped)
                 if improved and dist.is_main:
                     save_checkpoint(best_path, {"kind": kind, "signature": signature, **(extra_state or {}),
                                                 **task.export_state(), "epoch": epoch, "metrics": metrics})

@@ -12,6 +12,7 @@ from ..config import option
 from ..errors import ConfigError
 
 AMP_CHOICES = ("none", "bf16", "fp16")
+NONFINITE_CHOICES = ("stop", "skip")
 
 
 @dataclass
@@ -30,12 +31,20 @@ class RunOptions:
     tensorboard: bool | None = option(None, "TensorBoard logs in OUT/tensorboard (default: when installed)")
     sync_bn: bool = option(False, "under several processes, BatchNorm statistics over the global batch (as one "
                            "process would compute them) instead of each process's share")
+    on_nonfinite: str = option("stop", "on a NaN or infinite loss, gradient or beta: stop (the last checkpoint keeps "
+                               "the last finite state) or skip the step's update", choices=NONFINITE_CHOICES)
+    max_consecutive_skips: int = option(10, "stop after this many non-finite steps in a row (--on-nonfinite skip, "
+                                        "and fp16 loss scaling, whose overflowing steps are skipped anyway)")
 
     def validate(self) -> None:
         if self.amp not in AMP_CHOICES:
             raise ConfigError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.num_workers < 0 or self.checkpoint_every < 0:
             raise ConfigError("num_workers and checkpoint_every must be >= 0")
+        if self.on_nonfinite not in NONFINITE_CHOICES:
+            raise ConfigError(f"on_nonfinite must be one of {NONFINITE_CHOICES}, got {self.on_nonfinite!r}")
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"max_consecutive_skips must be a positive integer, got {self.max_consecutive_skips}")
 
     @property
     def memory_format(self) -> torch.memory_format:
