@@ -24,11 +24,12 @@ TINY_DEMO = ["--teacher", "resnet14", "--teacher-epochs", "1", "--search-config"
 DEMO_DATA = {"test_fraction": 0.8, "image_size": 14, "padding": 1}  # the demo's default (mnist-1k) data
 
 
-def _dfa(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """The console entry point as a user runs it (a fresh process, 2 threads)."""
+def _dfa(*args: str, cwd=None, **options) -> subprocess.CompletedProcess:
+    """The console entry point as a user runs it (a fresh process, 2 threads); ``options`` go to
+    ``subprocess.run`` (e.g. ``preexec_fn``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-m", "dfa_ext", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
+                          cwd=cwd, timeout=600, **options)
 
 
 @pytest.fixture(scope="module")

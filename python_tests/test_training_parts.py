@@ -129,7 +129,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         handle.write(b"partial")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full; the previous .* is intact"):
         atomic_write_bytes(path, broken)
     assert load_checkpoint(path)["v"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]

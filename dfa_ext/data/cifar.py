@@ -93,13 +93,18 @@ def read_batch(path: Path, layout: CifarLayout) -> tuple[torch.Tensor, torch.Ten
                         f"{getattr(data, 'dtype', '')}".rstrip())
     if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
         raise DataError(f"{path}: pixel values must be in 0..255")
-    labels = np.asarray(labels)
+    expected = f"{layout.label_key!r} must be {len(data)} integers (one per image)"
+    try:
+        labels = np.asarray(labels)
+    except ValueError as exc:  # nested sequences of different lengths
+        raise DataError(f"{path}: {expected}, got an irregular nested sequence") from exc
     if labels.shape != (len(data),) or labels.dtype.kind not in "ui":
-        raise DataError(f"{path}: {layout.label_key!r} must be {len(data)} integers (one per image), "
-                        f"got shape {labels.shape} of {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= layout.num_classes:
-        raise DataError(f"{path}: labels must be in [0, {layout.num_classes}), "
-                        f"got {labels.min()}..{labels.max()}")
+        raise DataError(f"{path}: {expected}, got shape {labels.shape} of {labels.dtype}")
+    outside = labels[(labels < 0) | (labels >= layout.num_classes)]
+    if len(outside):
+        raise DataError(f"{path}: {layout.label_key!r} must be in 0..{layout.num_classes - 1} "
+                        f"({layout.num_classes} classes), found {outside[0]} "
+                        f"({len(outside)} of {len(labels)} out of range)")
     images = torch.from_numpy(data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels.astype(np.int64))
 

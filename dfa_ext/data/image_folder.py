@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
 from torchvision.transforms import functional as TF
 
@@ -50,8 +52,10 @@ def read_image(path: str, image_size: int) -> torch.Tensor:
     to S (bilinear, antialiased), then the centre square kept."""
     try:
         image = pil_loader(path)  # converted to RGB
-    except OSError as exc:  # unreadable or not an image (PIL.UnidentifiedImageError)
-        raise DataError(f"{path}: cannot read this image ({exc})") from exc
+    except (OSError, DecompressionBombError) as exc:  # unreadable, truncated, not an image, too large
+        # UnidentifiedImageError's message names a file object, not what is wrong
+        reason = "not an image in a format PIL reads" if isinstance(exc, UnidentifiedImageError) else exc
+        raise DataError(f"{path}: cannot read this image ({reason})") from exc
     if image.size != (image_size, image_size):
         image = TF.center_crop(TF.resize(image, image_size), image_size)
     return TF.pil_to_tensor(image)

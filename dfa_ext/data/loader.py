@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import DataError
+from ..errors import DataError, DfaError
 
 
 def mix_seed(*parts: int) -> int:
@@ -92,6 +92,36 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def _worker_message(error: DfaError) -> str | None:
+    """The one-line message of a DfaError raised in a loader worker process, or None when
+    ``error`` was raised in this process.
+
+    torch re-raises a worker's exception as ``type(error)(text)``, where text is "Caught DataError
+    in DataLoader worker process 0.\nOriginal Traceback (most recent call last): ..." and ends with
+    the line ``dfa_ext.errors.DataError: <message>``; that message is what the user needs.
+    """
+    text = str(error)
+    if "\nOriginal Traceback (most recent call last):\n" not in text:
+        return None
+    kind = type(error)
+    _, found, message = text.rpartition(f"\n{kind.__module__}.{kind.__qualname__}: ")
+    return message.strip() if found else None
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes fail with the dataset's own one-line error (e.g. a
+    corrupt image, named), not with torch's multi-line report of the worker's traceback."""
+
+    def __iter__(self) -> Iterator:
+        try:
+            yield from super().__iter__()
+        except DfaError as error:
+            message = _worker_message(error)
+            if message is None:
+                raise
+            raise type(error)(message) from error
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0,
                 start_batch: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                 drop_last: bool | None = None, pin_memory: bool = False) -> DataLoader:
@@ -115,10 +145,10 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
         dataset.set_epoch(epoch)
     sampler = EpochSampler(length, shuffle=train, seed=seed, rank=rank, world_size=world_size,
                            drop_last=drop_last, start=start_batch * batch_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=num_workers, worker_init_fn=seed_worker,
-                      generator=torch.Generator().manual_seed(mix_seed(seed, epoch, rank, 1)),
-                      pin_memory=pin_memory, persistent_workers=False)
+    return _Loader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                   num_workers=num_workers, worker_init_fn=seed_worker,
+                   generator=torch.Generator().manual_seed(mix_seed(seed, epoch, rank, 1)),
+                   pin_memory=pin_memory, persistent_workers=False)
 
 
 def batch_stream(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,

@@ -4,15 +4,17 @@ A checkpoint is a dict saved with ``torch.save``; it always has ``format``, ``ki
 it: "teacher", "search", "distill") and ``model`` (how to rebuild the network: the name and
 arguments of ``dfa_ext.models.create``) besides the weights. Files are written to a temporary
 name in the same folder, flushed to disk, then renamed over the old one, so an interruption
-leaves either the old or the new file, never a truncated one.
+leaves either the old or the new file, never a truncated one; a write that fails (disk full, no
+permission, file size limit) raises CheckpointError and also leaves the old file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, cast
 
 import torch
 from torch import nn
@@ -22,20 +24,63 @@ from ..errors import CheckpointError
 FORMAT = "dfa_ext.checkpoint/1"
 
 
-def atomic_write_bytes(path: str | os.PathLike, write: Any) -> None:
-    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it to ``path``."""
+class _WatchedFile:
+    """A binary file that remembers the first OSError its ``write`` raised.
+
+    ``torch.save`` reports a write that failed (disk full, file size limit) as a RuntimeError of its
+    zip writer ("unexpected pos ..."), raised while closing the archive, with the OSError only as
+    context; this keeps the real cause. Every other attribute is the file's own.
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it to ``path``.
+
+    Raises:
+        CheckpointError: the file could not be written (no space, no permission, file size limit):
+            ``path`` is as it was before and the temporary file is removed. Other exceptions
+            (a bug in ``write``, KeyboardInterrupt) propagate unchanged, also without a temporary.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
+    watched: _WatchedFile | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            watched = _WatchedFile(handle)
+            write(cast(BinaryIO, watched))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # keep the error that matters
+                Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            cause: OSError | None = error
+        elif isinstance(error, Exception) and watched is not None:
+            cause = watched.error  # set when torch.save's RuntimeError hides a failed write
+        else:
+            cause = None  # KeyboardInterrupt, SystemExit
+        if cause is None:
+            raise
+        kept = f"the previous {path} is intact" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot write {path}: {cause.strerror or cause}; {kept}") from cause
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
