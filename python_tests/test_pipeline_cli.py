@@ -25,19 +25,22 @@ DEMO_DATA = {"test_fraction": 0.8, "image_size": 14, "padding": 1}  # the demo's
 
 
 def _dfa(*args: str, cwd=None, **options) -> subprocess.CompletedProcess:
-    """The console entry point as a user runs it (a fresh process, 2 threads); ``options`` go to
+    """The console entry point as a user runs it (a fresh process, 2 threads), with every Python
+    warning an error (spawned workers included: a normal run prints none); ``options`` go to
     ``subprocess.run`` (e.g. ``preexec_fn``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "error"}
     return subprocess.run([sys.executable, "-m", "dfa_ext", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600, **options)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """`dfa demo` on the bundled MNIST digits, every stage at a tiny size."""
+    """`dfa demo` on the bundled MNIST digits, every stage at a tiny size, its output in a pipe
+    (as under nohup or CI) with the progress reports on."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    done = _dfa("demo", "--out", str(out), *TINY_DEMO)
+    done = _dfa("demo", "--out", str(out), *[arg for arg in TINY_DEMO if arg != "--no-progress"])
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Warning" not in done.stderr and "\r" not in done.stderr + done.stdout, done.stderr[-3000:]
     return out, done.stdout
 
 
