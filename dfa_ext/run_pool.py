@@ -17,6 +17,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -40,9 +42,23 @@ def auto_workers(device: str, jobs: int) -> tuple[int, int]:
     return workers, max(1, cores // workers)
 
 
-def _init_worker(threads: int) -> None:
+# Seconds between a worker's checks that the pool's process is still alive.
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _init_worker(threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
     os.setpgrp()  # out of the terminal's group: signals come from the pool's process, once each
+    threading.Thread(target=_exit_with, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Ends this worker once ``parent`` (the pool's process) is gone. Out of the command's process
+    group, a worker would outlive a SIGKILL of that group (or a crash of the command) and go on
+    training and writing into its run folder, racing the command started again."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)  # as if killed with its parent: what it saved so far is complete (atomic writes)
 
 
 def _call(job: Job) -> Any:
@@ -64,7 +80,7 @@ def run_pool(jobs: Sequence[Job], *, workers: int, threads: int = 1) -> Iterator
             yield index, _call(job)
         return
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads,))
+                               initializer=_init_worker, initargs=(threads, os.getpid()))
     queue = iter(enumerate(jobs))
     pending: dict[Future, int] = {}
     interrupted: TrainingInterrupted | None = None

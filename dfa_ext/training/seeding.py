@@ -24,7 +24,8 @@ def set_deterministic(enabled: bool) -> None:
     if enabled:
         # cuBLAS needs a fixed workspace to be deterministic; must be set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
+    if torch.are_deterministic_algorithms_enabled() != enabled:  # the call imports inductor: seconds per process
+        torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
 
