@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import math
 import sys
 import typing
 from typing import Any, Callable, Sequence
@@ -28,10 +29,9 @@ def _parse_key_value(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     parsed = yaml.safe_load(value)  # "3" -> 3, "true" -> True, "a" -> "a"
     if isinstance(parsed, str):  # YAML 1.1 reads "1e5" and "3e-4" as strings; a user means numbers
-        try:
-            parsed = float(parsed) if parsed.strip().lower() not in ("nan", "inf", "infinity") else parsed
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            number = float(parsed)
+            parsed = number if math.isfinite(number) else parsed  # "nan" stays a word, refused by type
     return key.replace("-", "_"), parsed
 
 

@@ -56,11 +56,12 @@ def test_skip_mode_drops_bad_steps_and_stops_after_the_limit_in_a_row():
     pattern = [True, False, False, True, False, False]  # finite?
     decisions = [guard.observe(step, 0.1, {"ce": finite() if ok else NAN}) for step, ok in enumerate(pattern, 1)]
     assert decisions == pattern and guard.skipped == 4
-    with pytest.raises(TrainingDiverged, match="step 7: 3 non-finite steps in a row, the last in ce"):
-        guard.observe(7, 0.1, {"ce": NAN})
     restored = FiniteGuard("skip", 3, torch.device("cpu"))
-    restored.load_state_dict(guard.state_dict())  # a resumed run continues the count
-    assert restored.skipped == 5 and not restored.observe(8, 0.1, {"ce": finite()}) is False
+    restored.load_state_dict(guard.state_dict())  # a resumed run continues the count and the run
+    with pytest.raises(TrainingDiverged, match="step 7: 3 non-finite steps in a row, the last in ce"):
+        restored.observe(7, 0.1, {"ce": NAN})
+    assert restored.skipped == 5
+    assert FiniteGuard("skip", 3, torch.device("cpu")).observe(7, 0.1, {"ce": NAN}) is False  # a fresh run: 1 in a row
 
 
 def test_loss_scaling_skips_are_not_divergence_until_the_limit_in_a_row():
@@ -75,15 +76,15 @@ def test_loss_scaling_skips_are_not_divergence_until_the_limit_in_a_row():
         guard.check()
 
 
-def test_verify_refuses_a_state_holding_a_non_finite_tensor():
+def test_a_state_holding_a_non_finite_tensor_is_refused():
     guard = FiniteGuard("stop", 3, torch.device("cpu"))
     good = {"weights": {"w": torch.ones(3)}, "steps": torch.tensor([1, 2]), "lr": math.nan}
-    guard.verify(good, "last.pt")  # integer tensors and plain numbers are not weights
+    guard.check_state(good, "last.pt")  # integer tensors and plain numbers are not weights
     guard.saved = "last.pt holds the state after step 10"
     bad = {"weights": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"momentum_buffer": torch.tensor([1.0, math.inf])}}}}
     with pytest.raises(TrainingDiverged, match=r"optimizer\.state\.0\.momentum_buffer; last.pt was not overwritten "
                                                 r"\(last.pt holds the state after step 10\)"):
-        guard.verify(bad, "last.pt")
+        guard.check_state(bad, "last.pt")
 
 
 # ---- the trainers ------------------------------------------------------------------------------

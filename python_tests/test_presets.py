@@ -62,3 +62,13 @@ def test_unknown_preset_is_one_line_and_presets_are_listed(capsys):
     assert dfa_main(["presets"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("mnist-1k: ") and "distill: --student resnet8 --student-options width=2 --epochs 160" in out
+
+
+def test_key_value_options_read_exponent_numbers_as_numbers():
+    """YAML 1.1 reads ``1e5`` as a string; ``--distill-config lr=1e5`` means a number."""
+    from dfa_ext.cli import _parse_key_value
+
+    assert _parse_key_value("lr=1e5") == ("lr", 1e5)
+    assert _parse_key_value("gamma-fd=3e-4") == ("gamma_fd", 3e-4)
+    assert _parse_key_value("name=abc") == ("name", "abc")
+    assert _parse_key_value("lr=nan") == ("lr", "nan")  # refused later as not a number

@@ -152,7 +152,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
 
     def checkpoint() -> None:
         check_all((arch_guard, weight_guard))  # a diverged search stops here, before anything is written
-        weight_guard.verify({"net": net.state_dict(), "betas": list(betas),
+        weight_guard.check_state({"net": net.state_dict(), "betas": list(betas),
                              "weight_optimizer": weight_optimizer.state_dict(),
                              "architect": architect.state_dict()}, last_path)
         trajectory.flush()

@@ -9,7 +9,7 @@ synchronisation per step, as a gradient scaler does) and the trainer drops that 
 
 Under fp16 loss scaling the scaler already drops steps whose gradients overflow; those skipped
 steps are expected, not divergence, so a non-finite loss only counts towards the
-``max_consecutive_skips`` limit there. :meth:`FiniteGuard.verify` is the last line of defence:
+``max_consecutive_skips`` limit there. :meth:`FiniteGuard.check_state` is the last line of defence:
 no checkpoint holding a non-finite tensor is ever written.
 """
 
@@ -61,6 +61,7 @@ class FiniteGuard:
         self._names: tuple[str, ...] = ()
         self._lrs: dict[int, float] = {}  # learning rates of the steps since the last check
         self._reset_record()
+        self.step_ok = torch.ones((), dtype=torch.bool, device=device)  # the last observed step was finite
         self.skipped = 0  # steps whose update was dropped (host count; fp16 steps are added at checks)
         self._run = 0     # non-finite steps in a row ("skip" mode, on the host)
 
@@ -69,11 +70,6 @@ class FiniteGuard:
         # first bad step (-1: none), consecutive bad steps now, longest run, bad steps, per-term flags
         self._first, self._now, self._longest, self._count = zero - 1, zero.clone(), zero.clone(), zero.clone()
         self._flags = torch.zeros(len(self._names), dtype=torch.bool, device=self.device)
-
-    @property
-    def watches_gradients(self) -> bool:
-        """Whether the gradient norm is worth a term: under loss scaling it overflows on purpose."""
-        return not self.loss_scaling
 
     def observe(self, step: int, lr: float, terms: Mapping[str, torch.Tensor | None]) -> bool:
         """Records step ``step`` (1-based: the step about to be applied); returns whether its
@@ -85,10 +81,11 @@ class FiniteGuard:
             self._names = names
             self._reset_record()
         flags = torch.stack([~torch.isfinite(v.detach()).all() for v in terms.values()])
+        self.step_ok = ~flags.any()  # on the device: whether this step's numbers may be summed
         if self.mode == "skip" and not self.loss_scaling:
             return self._decide(step, lr, flags)
         self._lrs[step] = lr
-        bad = flags.any()
+        bad = ~self.step_ok
         first = bad & (self._first < 0)
         self._first = torch.where(first, step, self._first)
         self._flags = torch.where(first, flags, self._flags)
@@ -152,10 +149,10 @@ class FiniteGuard:
         error.step = step
         return error
 
-    def verify(self, state: Mapping[str, Any], path: str | os.PathLike) -> None:
-        """:meth:`check`, then refuses to write ``state`` to ``path`` if a tensor in it is not
-        finite (a collective under several processes: every process must call it)."""
-        self.check()
+    def check_state(self, state: Mapping[str, Any], path: str | os.PathLike) -> None:
+        """Refuses to write ``state`` to ``path`` if a tensor in it is not finite, whatever made it so
+        (a collective under several processes: every process must call it). Call :meth:`check`
+        first, so that a divergence the record shows is reported with its step."""
         bad = nonfinite_entries(state)
         if self.dist.active and self.dist.all_reduce_max(torch.tensor([float(bool(bad))])).item() > 0:
             bad = bad or ["the state of another process"]  # every process stops, not only the one that saw it

@@ -131,10 +131,11 @@ class EpochSums:
         for key, value in (saved or {"samples": 0.0, "correct": 0.0}).items():
             self.values[key] = torch.tensor(value, dtype=torch.float64, device=device)
 
-    def add(self, labels: torch.Tensor, logits: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
-        """Adds a step's batch; a step with a non-finite loss adds nothing (its update was dropped:
-        ``--on-nonfinite skip`` or fp16 loss scaling), decided on the device."""
-        finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()]).all().double()
+    def add(self, labels: torch.Tensor, logits: torch.Tensor, losses: dict[str, torch.Tensor],
+            finite: torch.Tensor) -> None:
+        """Adds a step's batch unless ``finite`` (a 0-dim bool on the device, the divergence guard's
+        verdict on the step) is False: the gradient scaler dropped that step's update under fp16."""
+        finite = finite.double()
         count = labels.numel() * finite
         self.values["samples"] += count
         self.values["correct"] += correct_at_k(logits.detach(), labels, 1) * finite
@@ -195,7 +196,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                          nesterov=config.nesterov, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     nonfinite = FiniteGuard(config.on_nonfinite, config.max_consecutive_skips, device,
-                        loss_scaling=scaler.is_enabled(), dist=dist)
+                            loss_scaling=scaler.is_enabled(), dist=dist)
     steps_per_epoch = len(make_loader(data.train, per_rank_batch, train=True, seed=config.seed,
                                       rank=dist.rank, world_size=dist.world_size))
     if steps_per_epoch == 0:
@@ -227,7 +228,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
 
     def verify(path: Path) -> None:
         """Stops a diverged run before ``path`` is written or the weights are evaluated."""
-        nonfinite.verify({"weights": task.state_dict(), "optimizer": optimizer.state_dict()}, path)
+        nonfinite.check()
+        nonfinite.check_state({"weights": task.state_dict(), "optimizer": optimizer.state_dict()}, path)
 
     def checkpoint(next_epoch: int, next_batch: int, epoch_sums: dict | None) -> None:
         verify(last_path)
@@ -271,7 +273,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                                              lambda norm: nonfinite.observe(step + 1, lr, {**losses, "gradient norm": norm}))
                     step, batch = step + 1, batch + 1
                     if applied:
-                        sums.add(labels, logits, losses)
+                        sums.add(labels, logits, losses, nonfinite.step_ok)
                     if step % CHECK_EVERY == 0:
                         nonfinite.check()
                     if bar is not None:
