@@ -12,20 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import multiprocessing
 import os
 import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Iterable, Sequence
 
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+from dfa_ext.run_pool import run_pool
 
 
 def _run(argv: Sequence[str]) -> tuple[list[str], int, float]:
@@ -49,19 +43,17 @@ def run_jobs(jobs: Iterable[Sequence[str]], *, workers: int, threads: int = 1, l
     jobs = [list(j) for j in jobs]
     if not jobs:
         return
-    context = multiprocessing.get_context("spawn")
     failed = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(_run, job) for job in jobs]
-        for done, future in enumerate(as_completed(futures), 1):
-            argv, code, seconds = future.result()
-            line = f"[{done}/{len(jobs)}] {'ok' if code == 0 else f'FAILED ({code})'} {seconds:.0f} s: {command_line(argv)}"
-            print(line, flush=True)
-            if log is not None:
-                with open(log, "a") as handle:
-                    handle.write(line + "\n")
-            if code != 0:
-                failed.append(command_line(argv))
+    # run_pool: signals reach every worker once, and workers end with this process.
+    for done, (_, (argv, code, seconds)) in enumerate(run_pool([(_run, job) for job in jobs], workers=workers,
+                                                                threads=threads), 1):
+        line = f"[{done}/{len(jobs)}] {'ok' if code == 0 else f'FAILED ({code})'} {seconds:.0f} s: {command_line(argv)}"
+        print(line, flush=True)
+        if log is not None:
+            with open(log, "a") as handle:
+                handle.write(line + "\n")
+        if code != 0:
+            failed.append(command_line(argv))
     if failed:
         sys.exit("failed: " + "; ".join(failed))
 
