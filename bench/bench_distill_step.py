@@ -1,6 +1,7 @@
 """Benchmark of one stage-2 training step (teacher forward, student forward and backward, SGD)
 on the same networks and batch: DFA with the fused ops, with the eager pure-PyTorch reference and
-with that reference under torch.compile, beside the vanilla (CE only), KD and OFD steps.
+with that reference under torch.compile, the fused step with the trainers' divergence guard
+(non-finite losses and gradient norm recorded on the device), beside the vanilla (CE only), KD and OFD steps.
 
 Reports the median time per step, the ratio to the fused DFA step, the time inside the dfa:: ops
 (profiler) and the peak extra memory of a step.
@@ -24,9 +25,10 @@ from dfa_ext import models, reference  # noqa: E402
 from dfa_ext.distill import KDDistiller, VanillaDistiller, distillers, group_targets, stage_weights  # noqa: E402
 from dfa_ext.distill.distillers import FeatureDistiller  # noqa: E402
 from dfa_ext.margins import group_margins  # noqa: E402
+from dfa_ext.training.finite import CHECK_EVERY, FiniteGuard  # noqa: E402
 from dfa_ext.training.optim_step import optimizer_step  # noqa: E402
 
-COLUMNS = ("dfa fused", "dfa reference (eager)", "dfa reference (torch.compile)", "ofd fused", "kd", "vanilla")
+COLUMNS = ("dfa fused", "dfa fused + divergence guard", "dfa reference (eager)", "dfa reference (torch.compile)", "ofd fused", "kd", "vanilla")
 
 
 def _compiled_reference() -> types.SimpleNamespace:
@@ -59,11 +61,18 @@ def build_step(args, column: str, device: torch.device):
     images = torch.randn(args.batch, *shape, generator=g).to(device, memory_format=torch.channels_last)
     labels = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    # as the trainers run it: each step's terms recorded on the device, read every CHECK_EVERY steps
+    guard = FiniteGuard("stop", 10, device) if "guard" in column else None
+    count = [0]
 
     def step() -> None:
         with autocast:
             _, losses = task(images, labels)
-        optimizer_step(sum(losses.values()), optimizer, scaler, params, None)
+        count[0] += 1
+        allow = None if guard is None else (lambda norm: guard.observe(count[0], 0.01, {**losses, "gradient norm": norm}))
+        optimizer_step(sum(losses.values()), optimizer, scaler, params, None, allow)
+        if guard is not None and count[0] % CHECK_EVERY == 0:
+            guard.check()
 
     return step
 
