@@ -78,6 +78,20 @@ def test_make_loader_resumes_mid_epoch_and_sets_the_dataset_epoch():
     assert resumed == batches[3:]
 
 
+def test_make_loader_shuffles_each_epoch_with_that_epochs_permutation():
+    # A loader that left its sampler at epoch 0 gave every epoch the same order (the same batches
+    # in the same sequence, only the augmentation changing): the order of epoch e must be the
+    # seeded permutation of (seed, e), written out here from mix_seed and randperm.
+    def order(epoch: int) -> list[int]:
+        return [i for batch in make_loader(torch.arange(40), 8, train=True, seed=2, epoch=epoch)
+                for i in batch.tolist()]
+
+    for epoch in (0, 1, 5):
+        generator = torch.Generator().manual_seed(mix_seed(2, epoch))
+        assert order(epoch) == torch.randperm(40, generator=generator).tolist(), epoch
+    assert order(0) != order(1)
+
+
 def test_mix_seed_is_stable_and_spreads():
     assert mix_seed(1, 2) == mix_seed(1, 2)
     assert len({mix_seed(0, e) for e in range(1000)}) == 1000

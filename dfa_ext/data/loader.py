@@ -145,6 +145,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
         dataset.set_epoch(epoch)
     sampler = EpochSampler(length, shuffle=train, seed=seed, rank=rank, world_size=world_size,
                            drop_last=drop_last, start=start_batch * batch_size)
+    sampler.set_epoch(epoch)
     return _Loader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                    num_workers=num_workers, worker_init_fn=seed_worker,
                    generator=torch.Generator().manual_seed(mix_seed(seed, epoch, rank, 1)),
