@@ -109,11 +109,30 @@ def test_group_margins_stack_the_layers():
 
 
 def test_group_margins_of_a_model_group():
-    model = create("wrn_16_2")
+    # Each row must be OFD's margin of the BatchNorm whose output the tapped layer feature is:
+    # random affine parameters make the rows differ, and a forward hook shows which tensor each
+    # BN really produced (a BN of the wrong layer or block would fail both checks).
+    torch.manual_seed(0)
+    model = create("wrn_16_2").eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.weight.uniform_(0.2, 2.0)
+                module.bias.uniform_(-1.0, 1.0)
+    produced = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: produced.__setitem__(m, o))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
-        out = model.eval()(torch.randn(1, 3, 8, 8), features=True)
-    margins = group_margins(out.groups[1].bns)
-    assert margins.shape == (2, 64)
+        out = model(torch.randn(2, 3, 8, 8), features=True)
+    for hook in hooks:
+        hook.remove()
+    group = out.groups[1]
+    margins = group_margins(group.bns)
+    assert margins.shape == (len(group.layers), 64) and len(group.layers) == 2
+    for row, bn, layer in zip(margins, group.bns, group.layers):
+        assert produced[bn] is layer or torch.equal(produced[bn], layer)
+        want = [_ofd_margin(s, m) for s, m in zip(bn.weight.tolist(), bn.bias.tolist())]
+        torch.testing.assert_close(row.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bns, match", [
