@@ -151,6 +151,27 @@ class EpochSums:
         keys = list(self.values)
         return dict(zip(keys, torch.stack([self.values[k] for k in keys]).tolist()))
 
+    def of_every_process(self, dist: DistContext) -> list[dict[str, float]]:
+        """Every process's :meth:`as_dict`, in rank order (a collective; exact: each row is one
+        process's sums, to which the others add zeros). Checkpoints keep them all: each process
+        has counted its own share of the epoch's batches."""
+        local = self.as_dict()
+        table = torch.zeros(dist.world_size, len(local), dtype=torch.float64)
+        table[dist.rank] = torch.tensor(list(local.values()), dtype=torch.float64)
+        return [dict(zip(local, row)) for row in dist.all_reduce_sum(table).tolist()]
+
+    @staticmethod
+    def share(saved: list[dict[str, float]] | dict[str, float] | None, dist: DistContext) -> dict[str, float] | None:
+        """This process's part of the sums a checkpoint kept (:meth:`of_every_process`; a dict is
+        one process's): its own under as many processes as saved them, else all of them on the
+        main process and zeros elsewhere, so that the epoch's totals count every batch once."""
+        if saved is None:
+            return None
+        every = [saved] if isinstance(saved, dict) else saved
+        if len(every) == dist.world_size:
+            return every[dist.rank]
+        return {key: sum(s[key] for s in every) if dist.is_main else 0.0 for key in every[0]}
+
 
 def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str | Path, *,
         kind: str, signature: dict, extra_state: dict | None = None,
@@ -217,7 +238,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         set_rng_state(state["rng"])
         nonfinite.load_state_dict(state.get("nonfinite"))
         epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        best_top1, sums, elapsed = state["best_top1"], state.get("epoch_sums"), state.get("seconds", 0.0)
+        best_top1, elapsed = state["best_top1"], state.get("seconds", 0.0)
+        sums = EpochSums.share(state.get("epoch_sums"), dist)
         nonfinite.saved = f"{last_path} holds the state after step {step}"
         if dist.is_main:
             say(f"{out} holds a finished run ({epoch} epochs, {step} steps, best test top-1 {best_top1:.2f}%): "
@@ -231,7 +253,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         nonfinite.check()
         nonfinite.check_state({"weights": task.state_dict(), "optimizer": optimizer.state_dict()}, path)
 
-    def checkpoint(next_epoch: int, next_batch: int, epoch_sums: dict | None) -> None:
+    def checkpoint(next_epoch: int, next_batch: int, epoch_sums: list[dict] | None) -> None:
         verify(last_path)
         if dist.is_main:
             save_checkpoint(last_path, {
@@ -283,10 +305,10 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                     if on_step is not None:
                         on_step(step)
                     if stop_requested(guard, dist, step):
-                        checkpoint(epoch, batch, sums.as_dict())
+                        checkpoint(epoch, batch, sums.of_every_process(dist))
                         raise TrainingInterrupted(str(last_path))
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
-                        checkpoint(epoch, batch, sums.as_dict())
+                        checkpoint(epoch, batch, sums.of_every_process(dist))
                 if bar is not None:
                     bar.close()
                 verify(last_path)  # before the epoch's numbers, its evaluation and its checkpoints
