@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import models
 from .config import make_config, option
 from .data.options import DataOptions
 from .distill import METHODS, DistillConfig, run_distill
@@ -93,7 +96,9 @@ def _stage(cls: type, command: str, config: DemoConfig, seed: int, extra: dict, 
     preset = {k: v for k, v in MNIST_1K.commands.get(command, {}).items()
               if k in {f.name for f in dataclasses.fields(cls)}}
     try:
-        return make_config(cls, preset, shared, {"seed": seed, **values}, extra)
+        stage = make_config(cls, preset, shared, {"seed": seed, **values}, extra)
+        stage.validate()  # now, not when the stage starts (after the teacher's training and the search)
+        return stage
     except ConfigError as error:
         raise ConfigError(f"--{command.split('-')[-1]}-config: {error}") from None
 
@@ -122,6 +127,8 @@ def comparison_text(runs: list[RunResult], reference: str = "dfa") -> tuple[str,
 def run_demo(config: DemoConfig) -> DemoResult:
     """Runs (or resumes) every stage and returns the per-run results and the Markdown table."""
     config.validate()
+    with torch.device("meta"):  # a bad student name or argument fails now, not after the teacher's training
+        models.create(config.student, **config.student_options)
     out = Path(config.out)
     started = time.perf_counter()
     needs_teacher = any(m != "vanilla" for m in config.methods)

@@ -155,6 +155,48 @@ def test_distill_command_and_its_user_errors(demo, tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
 
 
+# Errors a user can make on the demo's command line, and a piece of what must be said. Every one is
+# refused before a stage starts (hours of training in the real regime): argparse's errors end with a
+# line naming the option, the demo's own are one line.
+DEMO_USER_ERRORS = [
+    (["--seeds"], "dfa demo: error: argument --seeds: expected at least one argument"),
+    (["--seeds", "0", "0"], "dfa: error: seeds must name at least one seed, each once, got [0, 0]"),
+    (["--methods", "vanilla", "magic"], "dfa demo: error: argument --methods: invalid choice: 'magic'"),
+    (["--teacher-epochs", "0"], "dfa: error: teacher_epochs must be a positive integer, got 0"),
+    (["--workers", "-1"], "dfa: error: workers must be >= 0, got -1"),
+    (["--data", "nosuch"], "dfa: error: unknown dataset 'nosuch'"),
+    (["--teacher", "resnet9"], "dfa: error: model 'resnet9': a CIFAR ResNet needs depth = 6n + 2"),
+    (["--student", "resnet9"], "dfa: error: model 'resnet9': a CIFAR ResNet needs depth = 6n + 2"),
+    (["--student-options", "width=0"], "dfa: error: model 'resnet8': width must be a positive int"),
+    (["--teacher-config", "lr=-1"], "dfa: error: --teacher-config: lr must be >= 0, got -1.0"),
+    (["--search-config", "bogus=1"], "dfa: error: --search-config: unknown option 'bogus'; known options: "),
+    (["--search-config", "val_fraction=1.5"], "dfa: error: --search-config: val_fraction must be in (0, 1), got 1.5"),
+    (["--distill-config", "kd_weight=2"], "dfa: error: --distill-config: kd_weight must be in [0, 1], got 2"),
+]
+
+
+def _versions(folder) -> dict:
+    """(inode, mtime, size) of every file: an atomic rewrite shows as a new inode."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def test_demo_user_errors_are_refused_before_anything_is_written(demo, tmp_path, capsys):
+    out, _ = demo
+    before = _versions(out)
+    for argv, message in DEMO_USER_ERRORS:
+        for folder in (out, tmp_path / "new"):  # a finished demo's folder, and a folder not yet made
+            try:
+                code = dfa_main(["demo", "--out", str(folder), *TINY_DEMO, *argv])
+            except SystemExit as exit_:  # argparse
+                code = exit_.code
+            err = capsys.readouterr().err
+            assert code == 2 and err.splitlines()[-1].startswith(message), (argv, err)
+            if message.startswith("dfa: error:"):
+                assert err.count("\n") == 1, (argv, err)
+            assert not (tmp_path / "new").exists(), argv
+            assert _versions(out) == before, argv
+
+
 def test_user_error_from_the_real_entry_point_has_no_traceback(tmp_path):
     done = _dfa("distill", "--teacher", str(tmp_path / "missing.pt"), "--method", "kd", "--out", str(tmp_path / "o"))
     assert done.returncode == 2
