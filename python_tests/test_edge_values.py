@@ -1,4 +1,5 @@
-"""Edge values: empty batches, NaN inputs, extreme beta and all-zero maps, each vs the reference."""
+"""Edge values: empty batches and samples (N = 0, C = 0), NaN inputs, extreme beta, all-zero maps and
+K = 64 maps, each vs the reference."""
 
 from __future__ import annotations
 
@@ -116,3 +117,56 @@ def test_bridge_scale_invariance() -> None:
     for scale in (1e-3, 1e3):
         scaled = Inputs(inp.student * scale, inp.features, inp.beta, None)
         torch.testing.assert_close(call(ops, "bridge_st_loss", scaled), expected, rtol=1e-10, atol=1e-10)
+
+
+# Empty samples with B > 0: N = 0 through an empty spatial dim, and C = 0 (margins [K, 0]).
+EMPTY_SAMPLE_SHAPES = {"N0": (2, 3, 0, 5), "C0": (2, 0, 4, 5)}
+
+
+@pytest.mark.parametrize("name,margins", _margin_cases())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("empty", list(EMPTY_SAMPLE_SHAPES))
+def test_empty_samples(name: str, margins: bool, layout: str, empty: str) -> None:
+    """Samples without elements (N = 0, or C = 0) in a non-empty batch: the kernels get no work
+    items yet must return the reference's per-sample losses (exactly 0 for each of the B samples,
+    not uninitialised memory: checked on three calls, as leftover memory is often 0 or a denormal
+    within any tolerance), an empty aggregation, empty map gradients and a zero beta gradient."""
+    shape = EMPTY_SAMPLE_SHAPES[empty]
+    inp = make_inputs(shape, 3, margins=margins, layout=layout, seed=7)
+    out, grads = value_and_grads(ops, name, inp)
+    assert out.shape == (shape if name == "aggregate" else (2,))
+    check_against_reference(name, inp, **F64)
+    if name != "aggregate":
+        for _ in range(3):
+            assert torch.equal(call(ops, name, inp), torch.zeros(2, dtype=torch.float64))
+    for g, leaf in zip(grads, grad_leaves(name, inp)):
+        assert g.shape == leaf.shape
+        if leaf is inp.beta:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+MAX_K = 64  # the most maps per call on CUDA (kMaxK in csrc/cuda/map_kernels.cuh); CPU has no limit
+
+
+@pytest.mark.parametrize("name,margins", _margin_cases())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_max_feature_maps(name: str, margins: bool, layout: str) -> None:
+    """K = 64 maps (16 of the CPU kernels' 4-map groups; the CUDA limit) give the reference's values
+    and gradients for every map."""
+    inp = make_inputs((2, 3, 4, 5), MAX_K, margins=margins, layout=layout, seed=8)
+    check_against_reference(name, inp, **F64)
+
+
+@pytest.mark.parametrize("name,margins", _margin_cases())
+def test_cpu_takes_more_maps_than_the_cuda_limit(name: str, margins: bool) -> None:
+    """The 64-map limit is the CUDA kernels' alone (their map pointers are passed by value): K = 65
+    maps on CPU, through torch.ops.dfa directly, give the reference's values.  (On CUDA the C++ check
+    raises a ValueError: cpp_tests/test_cuda_emulation.cpp and python_tests/test_cuda.py.)"""
+    inp = make_inputs((2, 3, 4), MAX_K + 1, margins=margins, requires_grad=(), seed=9)
+    if name == "aggregate":
+        out = torch.ops.dfa.aggregate(inp.features, inp.beta, inp.margins)
+    elif name == "bridge_st_loss":
+        out = torch.ops.dfa.bridge_st_loss(inp.student, inp.features, inp.beta, 1e-12)
+    else:
+        out = torch.ops.dfa.partial_l2(inp.student, inp.features, inp.beta, inp.margins)
+    assert_close_to_reference(out, call(reference, name, inp), **F64)
