@@ -95,6 +95,11 @@ def _stage(cls: type, command: str, config: DemoConfig, seed: int, extra: dict, 
     shared = {name: getattr(config, name) for name in names}
     preset = {k: v for k, v in MNIST_1K.commands.get(command, {}).items()
               if k in {f.name for f in dataclasses.fields(cls)}}
+    # The demo sets these per run: an extra would give every run one seed, method or folder.
+    clash = [key for key in ("seed", "out", "method", "teacher", "aggregation") if key in extra]
+    if clash:
+        raise ConfigError(f"--{command.split('-')[-1]}-config: {', '.join(clash)} cannot be set here: the demo "
+                          "sets them for each run (use --seeds, --out, --methods)")
     try:
         stage = make_config(cls, preset, shared, {"seed": seed, **values}, extra)
         stage.validate()  # now, not when the stage starts (after the teacher's training and the search)

@@ -172,6 +172,9 @@ DEMO_USER_ERRORS = [
     (["--search-config", "bogus=1"], "dfa: error: --search-config: unknown option 'bogus'; known options: "),
     (["--search-config", "val_fraction=1.5"], "dfa: error: --search-config: val_fraction must be in (0, 1), got 1.5"),
     (["--distill-config", "kd_weight=2"], "dfa: error: --distill-config: kd_weight must be in [0, 1], got 2"),
+    (["--distill-config", "method=kd"], "dfa: error: --distill-config: method cannot be set here"),
+    (["--distill-config", "seed=3"], "dfa: error: --distill-config: seed cannot be set here"),
+    (["--search-config", "out=x"], "dfa: error: --search-config: out cannot be set here"),
 ]
 
 
