@@ -9,77 +9,17 @@ data order does not depend on the number of processes, and ``start_batch`` resum
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, DfaError
+from .device_batches import DeviceBatches, DeviceImages
+from .sampler import EpochSampler, mix_seed
 
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps), stable across processes and runs.
-
-    Python's ``hash`` is salted per process for strings and collides for small tuples, hence this.
-    """
-    state = 0x9E3779B97F4A7C15
-    for part in parts:
-        state = (state ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        state = z ^ (z >> 31)
-    return state & 0x7FFFFFFFFFFFFFFF
-
-
-class EpochSampler(Sampler[int]):
-    """The indices one rank visits in one epoch.
-
-    Args:
-        length: dataset size N.
-        shuffle: seeded permutation (training) or the identity order (evaluation).
-        seed: run seed; the permutation of epoch e depends only on (seed, e).
-        rank, world_size: this process and the number of processes.
-        drop_last: drop the tail so that every rank gets ``N // W`` indices (training: every
-            step then has the same batch on every rank). Otherwise rank r gets ``order[r::W]``
-            (evaluation: every sample is seen exactly once over all ranks, with no padding).
-        start: indices of this rank to skip at the start (resuming mid-epoch).
-    """
-
-    def __init__(self, length: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, start: int = 0) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-        self.length, self.shuffle, self.seed = int(length), bool(shuffle), int(seed)
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.start = int(start)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def order(self) -> torch.Tensor:
-        """The global order of this epoch (all ranks), int64 [N]."""
-        if not self.shuffle:
-            return torch.arange(self.length)
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        return torch.randperm(self.length, generator=generator)
-
-    def _rank_indices(self) -> torch.Tensor:
-        order = self.order()
-        if self.drop_last:
-            order = order[: self.length - self.length % self.world_size]
-        return order[self.rank::self.world_size][self.start:]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._rank_indices().tolist())
-
-    def __len__(self) -> int:
-        per_rank = (self.length // self.world_size if self.drop_last
-                    else len(range(self.rank, self.length, self.world_size)))
-        return max(per_rank - self.start, 0)
+__all__ = ["EpochSampler", "mix_seed", "make_loader", "batch_stream", "seed_worker"]
 
 
 def seed_worker(worker_id: int) -> None:
@@ -124,7 +64,8 @@ class _Loader(DataLoader):
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0,
                 start_batch: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                drop_last: bool | None = None, pin_memory: bool = False) -> DataLoader:
+                drop_last: bool | None = None, pin_memory: bool = False,
+                on_device: DeviceImages | None = None) -> Iterable:
     """A loader over ``dataset`` for one epoch of one rank.
 
     Args:
@@ -135,6 +76,11 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
         epoch: selects the permutation and, through ``dataset.set_epoch``, the augmentation draws.
         start_batch: batches of this epoch already done (resume mid-epoch).
         drop_last: override of the default above.
+        on_device: ``dataset``'s pixels on the training device (``DeviceImages``): the batches are
+            then built there (the same batches, see ``device_batches``) and the loader options
+            (workers, pinned memory) do not apply.
+
+    Returns an iterable of ``(images [B, C, H, W], labels [B])`` with ``len``.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size}")
@@ -146,6 +92,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
     sampler = EpochSampler(length, shuffle=train, seed=seed, rank=rank, world_size=world_size,
                            drop_last=drop_last, start=start_batch * batch_size)
     sampler.set_epoch(epoch)
+    if on_device is not None:
+        return DeviceBatches(on_device, sampler, batch_size, epoch=epoch, drop_last=drop_last)
     return _Loader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                    num_workers=num_workers, worker_init_fn=seed_worker,
                    generator=torch.Generator().manual_seed(mix_seed(seed, epoch, rank, 1)),
@@ -154,7 +102,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
 
 def batch_stream(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False) -> Iterator:
+                 pin_memory: bool = False, on_device: DeviceImages | None = None) -> Iterator:
     """Endless training batches, epoch after epoch, starting at global step ``start_step``.
 
     Step s is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``: the position in
@@ -168,5 +116,5 @@ def batch_stream(dataset: Dataset, batch_size: int, *, seed: int, start_step: in
     while True:
         yield from make_loader(dataset, batch_size, train=True, seed=seed, epoch=epoch, start_batch=batch,
                                num_workers=num_workers, rank=rank, world_size=world_size,
-                               pin_memory=pin_memory)
+                               pin_memory=pin_memory, on_device=on_device)
         epoch, batch = epoch + 1, 0

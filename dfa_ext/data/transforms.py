@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .loader import mix_seed
+from .sampler import mix_seed
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

@@ -18,6 +18,7 @@ from torch import nn
 from .. import models
 from ..config import config_dict
 from ..data import DataBundle
+from ..data.device_batches import data_on_device
 from ..data.loader import batch_stream
 from ..data.split import split_train_val
 from ..errors import ConfigError
@@ -172,7 +173,8 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
     started, first_step = time.perf_counter(), step
     streams = {name: batch_stream(dataset, per_rank, seed=config.seed + offset, start_step=step,
                                   num_workers=config.num_workers, rank=dist.rank, world_size=dist.world_size,
-                                  pin_memory=device.type == "cuda")
+                                  pin_memory=device.type == "cuda",
+                                  on_device=data_on_device(config.data_on_device, dataset, device))
                for name, dataset, offset in (("train", search_train, 0), ("val", search_val, 1))}
     bar = progress_bar(config.progress and dist.is_main and step < total_steps, total_steps, step)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data.device_batches import DeviceImages
 from ..data.loader import make_loader
 from ..losses import at_least_float32
 from .distributed import DistContext, current_context
@@ -26,11 +27,13 @@ def correct_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
              device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
              dist: DistContext | None = None,
-             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+             memory_format: torch.memory_format = torch.contiguous_format,
+             on_device: DeviceImages | None = None) -> dict[str, float]:
     """Evaluates ``model`` (in eval mode, restored afterwards) on every sample of ``dataset``.
 
     Under several processes each evaluates its share and the sums are reduced, so every process
-    gets the whole-set numbers.
+    gets the whole-set numbers. ``on_device``: ``dataset``'s pixels on ``device`` (batches built
+    there, see ``make_loader``).
 
     Returns:
         ``{"loss": mean cross-entropy, "top1": %, "top5": %}`` (top-5 is top-k for k = classes
@@ -40,7 +43,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count; read once at the end
-    loader = make_loader(dataset, batch_size, train=False, rank=dist.rank, world_size=dist.world_size)
+    loader = make_loader(dataset, batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
+                         on_device=on_device)
     try:
         for images, labels in loader:
             images = images.to(device, non_blocking=True, memory_format=memory_format)

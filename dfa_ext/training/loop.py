@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import option
 from ..data import DataBundle
+from ..data.device_batches import data_on_device
 from ..data.loader import make_loader
 from ..errors import ConfigError
 from .checkpoint import atomic_write_text, check_same_run, load_checkpoint, save_checkpoint
@@ -222,6 +223,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                                       rank=dist.rank, world_size=dist.world_size))
     if steps_per_epoch == 0:
         raise ConfigError(f"the training set ({len(data.train)} samples) is smaller than one batch ({config.batch_size})")
+    train_images = data_on_device(config.data_on_device, data.train, device)
+    test_images = data_on_device(config.data_on_device, data.test, device)
     schedule = LrSchedule(config.lr, steps_per_epoch * config.epochs, config.schedule, config.milestones,
                           config.lr_gamma, round(config.warmup_epochs * steps_per_epoch))
 
@@ -276,7 +279,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         with InterruptGuard() as guard:
             while epoch < config.epochs:
                 loader = make_loader(data.train, per_rank_batch, train=True, seed=config.seed, epoch=epoch,
-                                     start_batch=start_batch, num_workers=config.num_workers,
+                                     start_batch=start_batch, num_workers=config.num_workers, on_device=train_images,
                                      rank=dist.rank, world_size=dist.world_size,
                                      pin_memory=device.type == "cuda")
                 sums = EpochSums(device, sums)
@@ -320,7 +323,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                 epoch, start_batch, sums = epoch + 1, 0, None
                 if epoch % config.eval_every == 0 or epoch == config.epochs:
                     test = evaluate(task.classifier, data.test, batch_size=config.eval_batch_size,
-                                    device=device, autocast=autocast, dist=dist, memory_format=memory_format)
+                                    device=device, autocast=autocast, dist=dist, memory_format=memory_format,
+                                on_device=test_images)
                     last_metrics = test
                     improved = test["top1"] > best_top1
                     best_top1 = max(best_top1, test["top1"])
@@ -344,5 +348,6 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         log.close()
     if math.isnan(last_metrics["top1"]):  # the run was already complete: report its saved numbers
         last_metrics = evaluate(task.classifier, data.test, batch_size=config.eval_batch_size,
-                                device=device, autocast=autocast, dist=dist, memory_format=memory_format)
+                                device=device, autocast=autocast, dist=dist, memory_format=memory_format,
+                                on_device=test_images)
     return FitResult(best_top1, last_metrics["top1"], last_metrics["top5"], epoch, seconds(), out)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import option
+from ..data.device_batches import DATA_ON_DEVICE_CHOICES
 from ..errors import ConfigError
 
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -25,6 +26,9 @@ class RunOptions:
     amp: str = option("none", "mixed precision: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)", choices=AMP_CHOICES)
     channels_last: bool = option(True, "NHWC layout for images and conv weights (faster convolutions)")
     num_workers: int = option(0, "data-loading worker processes")
+    data_on_device: str = option("auto", "keep an in-memory dataset (mnist, digits, cifar) on the training device and "
+                                 "augment batches there: the same batches as the loader; auto: on a GPU",
+                                 choices=DATA_ON_DEVICE_CHOICES)
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: only at epoch or group ends)")
     resume: bool = option(True, "resume from OUT/last.pt when it exists")
     progress: bool = option(True, "show a progress bar")

@@ -1,0 +1,127 @@
+"""Batches of an in-memory image dataset built on the training device.
+
+The loader path reads one item at a time in Python (``PreparedDataset.__getitem__``: crop, flip,
+normalise), collates the batch on the CPU and copies it to the device. For datasets held in one
+tensor (mnist, digits, cifar10/100, any ``ImageTensorDataset`` and its search subsets), this
+module keeps the pixels on the device instead, zero-padded once, and builds a batch with one
+gather (crop and flip together) and one multiply-add (normalisation).
+
+Contract, the same as the loader's: the augmentation of sample ``index`` in epoch ``epoch`` is
+drawn from ``sample_generator(seed, epoch, index)`` (``Augment.sample``, on the CPU, a few
+microseconds a sample), the order from ``EpochSampler``; so a batch does not depend on the number
+of processes or on a resume, and on the CPU it is bitwise the batch ``make_loader`` yields.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from .sampler import EpochSampler
+from .split import SubsetDataset
+from .tensor_dataset import ImageTensorDataset
+from .transforms import sample_generator
+
+
+def device_source(dataset: torch.utils.data.Dataset) -> tuple[ImageTensorDataset, torch.Tensor | None] | None:
+    """``(in-memory dataset, indices of its items or None for all)`` behind ``dataset``, or
+    None when its items are not held in one tensor (e.g. an image folder)."""
+    indices = None
+    while isinstance(dataset, SubsetDataset):
+        indices = dataset.indices if indices is None else dataset.indices[indices]
+        dataset = dataset.base
+    return (dataset, indices) if isinstance(dataset, ImageTensorDataset) else None
+
+
+class DeviceImages:
+    """The pixels of ``dataset`` on ``device``, and its preprocessing as batched tensor ops.
+
+    Args:
+        dataset: an ``ImageTensorDataset`` or a ``SubsetDataset`` of one (``device_source``).
+        device: where the pixels live and batches are built.
+
+    Memory: the images once, as stored (uint8 for mnist/cifar: 3 KiB a CIFAR image), padded by
+    the crop's padding on each side, plus the labels.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, device: torch.device) -> None:
+        source = device_source(dataset)
+        if source is None:
+            raise DataError(f"{type(dataset).__name__} does not hold its images in memory: "
+                            "data on the device needs an in-memory dataset (mnist, digits, cifar)")
+        base, self.indices = source
+        preprocess = base.preprocess
+        self.augment, self.seed = preprocess.augment, preprocess.seed
+        self.device = torch.device(device)
+        self.padding = self.augment.padding if self.augment is not None else 0
+        pad = self.padding
+        # Padded once: a crop is then a window of the padded image, the flip a reversed window.
+        self.pixels = F.pad(base.images.to(self.device), (pad, pad, pad, pad))
+        self.labels = base.labels.to(self.device)
+        self.shape = tuple(base.images.shape[1:])
+        uint8 = base.images.dtype == torch.uint8
+        self.scale = (preprocess.scale_uint8 if uint8 else preprocess.scale).to(self.device)
+        self.shift = preprocess.shift.to(self.device)
+
+    def batch(self, items: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``items`` (int64 [B], positions in the dataset given at construction) of epoch
+        ``epoch``: normalised float32 images [B, C, H, W] and int64 labels [B] on the device."""
+        index = items if self.indices is None else self.indices[items]
+        channels, height, width = self.shape
+        top = torch.full((len(index),), self.padding, dtype=torch.int64)
+        left, flip = top.clone(), torch.zeros(len(index), dtype=torch.bool)
+        if self.augment is not None:
+            # The loader's draws, sample by sample: the augmentation stays (seed, epoch, index)'s.
+            for row, i in enumerate(index.tolist()):
+                params = self.augment.sample(sample_generator(self.seed, epoch, i))
+                top[row], left[row], flip[row] = params.top, params.left, params.flip
+        rows = top[:, None] + torch.arange(height)                       # [B, H]
+        cols = left[:, None] + torch.arange(width)                        # [B, W]
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        gather = (index.to(self.device)[:, None, None, None],
+                  torch.arange(channels, device=self.device)[None, :, None, None],
+                  rows.to(self.device)[:, None, :, None], cols.to(self.device)[:, None, None, :])
+        images = torch.addcmul(self.shift, self.pixels[gather].to(torch.float32), self.scale)
+        return images, self.labels[index.to(self.device)]
+
+
+class DeviceBatches:
+    """One epoch of one rank's batches from ``DeviceImages`` in ``sampler``'s order: what
+    ``make_loader(..., on_device=images)`` returns (``len`` is the number of batches)."""
+
+    def __init__(self, images: DeviceImages, sampler: EpochSampler, batch_size: int, *, epoch: int,
+                 drop_last: bool) -> None:
+        self.images, self.sampler, self.batch_size = images, sampler, batch_size
+        self.epoch, self.drop_last = epoch, drop_last
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler), dtype=torch.int64)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self.images.batch(order[start:start + self.batch_size], self.epoch)
+
+
+DATA_ON_DEVICE_CHOICES = ("auto", "on", "off")
+
+
+def data_on_device(mode: str, dataset: torch.utils.data.Dataset, device: torch.device) -> DeviceImages | None:
+    """``dataset`` on ``device`` as ``--data-on-device MODE`` asks, or None for the loader path.
+
+    ``auto``: on a GPU for in-memory datasets (the loader's per-item Python and the host-to-device
+    copy are what a GPU waits on); off on the CPU, where the loader is as fast (bench_epoch.py).
+    """
+    if mode not in DATA_ON_DEVICE_CHOICES:
+        raise DataError(f"data_on_device must be one of {', '.join(DATA_ON_DEVICE_CHOICES)}, got {mode!r}")
+    in_memory = device_source(dataset) is not None
+    if mode == "on" and not in_memory:
+        raise DataError(f"--data-on-device on needs an in-memory dataset (mnist, digits, cifar10/100); "
+                        f"{type(dataset).__name__} reads its images from files")
+    if mode == "off" or not in_memory or (mode == "auto" and torch.device(device).type != "cuda"):
+        return None
+    return DeviceImages(dataset, device)
