@@ -1,0 +1,157 @@
+"""End-to-end benchmark of whole trainers, as a user runs them: teacher training, the search
+(first and second order) and each stage-2 method, data loading and evaluation included, with the
+loader and with the data on the device.
+
+For each trainer and data path it runs the real Python entry point (``train_teacher``,
+``run_search``, ``run_distill``) in a fresh folder for ``--epochs`` epochs (the search: one
+epoch's worth of steps per group) and reports:
+
+- ``s total``: wall time of the call (set-up, every step, evaluation and checkpoints);
+- ``img/s``: training images per second of that wall time;
+- ``step ms``: median time between consecutive steps (data of the step included);
+- ``data ms/batch``: one epoch of the data path alone (no model), per batch;
+- ``total / (steps x step)``: what the run costs beyond its steps (set-up, evaluation,
+  checkpoints, the first step's warm-up); the goal is within 10 %.
+
+    python bench/bench_epoch.py [--device cpu|cuda] [--trainers teacher search-1 ...] [--epochs 1]
+
+The regime is the mnist-1k preset (the demo's: 1,000 digits at 14x14, ResNet-20 -> ResNet-8
+width 2) unless --preset names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import markdown_table  # noqa: E402
+
+from dfa_ext.data.device_batches import data_on_device  # noqa: E402
+from dfa_ext.data.loader import make_loader  # noqa: E402
+from dfa_ext.distill import DistillConfig, run_distill  # noqa: E402
+from dfa_ext.presets import preset_values  # noqa: E402
+from dfa_ext.search import SearchConfig, run_search  # noqa: E402
+from dfa_ext.training import TeacherConfig, train_teacher  # noqa: E402
+
+TRAINERS = ("teacher", "search-1", "search-2", "vanilla", "kd", "ofd", "dfa")
+DATA_PATHS = {"loader": "off", "device": "on"}
+
+
+class StepClock:
+    """``on_step`` callback: the time of every step, to take the median interval."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, step: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def median_step(self) -> float:
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+        return statistics.median(gaps) if gaps else float("nan")
+
+
+def _common(args, mode: str, out: Path) -> dict:
+    return dict(device=args.device, data_on_device=mode, progress=False, tensorboard=False, out=str(out),
+                seed=0)
+
+
+def run_trainer(name: str, mode: str, args, work: Path, teacher: str, aggregation: str) -> dict:
+    """Runs trainer ``name`` with data path ``mode``; returns its row's numbers."""
+    out, clock = work / f"{name}-{mode}", StepClock()
+    common = _common(args, mode, out)
+    started = time.perf_counter()
+    if name == "teacher":
+        config = TeacherConfig(**{**preset_values(args.preset, "train-teacher", TeacherConfig), **common,
+                                  "epochs": args.epochs})
+        train_teacher(config, on_step=clock)
+        batch, steps = config.batch_size, len(clock.times)
+    elif name.startswith("search"):
+        values = preset_values(args.preset, "search", SearchConfig)
+        config = SearchConfig(**{**values, **common, "teacher": teacher, "order": "first" if name == "search-1" else "second",
+                                 "steps_per_group": args.search_steps, "warmup_steps": args.search_steps // 2})
+        run_search(config, on_step=clock)
+        batch, steps = config.batch_size, len(clock.times)
+    else:
+        values = preset_values(args.preset, "distill", DistillConfig)
+        config = DistillConfig(**{**values, **common, "method": name, "epochs": args.epochs,
+                                  "teacher": teacher if name != "vanilla" else None,
+                                  "aggregation": aggregation if name == "dfa" else None})
+        run_distill(config, on_step=clock)
+        batch, steps = config.batch_size, len(clock.times)
+    total = time.perf_counter() - started
+    step = clock.median_step()
+    return {"steps": steps, "total": total, "images/s": steps * batch / total, "step": step,
+            "overhead": total / (steps * step)}
+
+
+def data_seconds_per_batch(args, mode: str) -> float:
+    """One epoch of the teacher's training data path alone, per batch (no model)."""
+    config = TeacherConfig(**{**preset_values(args.preset, "train-teacher", TeacherConfig),
+                              **_common(args, mode, Path("unused"))})
+    data = config.load(seed=0)
+    device = torch.device(args.device)
+    on_device = data_on_device(mode, data.train, device)
+    loader = make_loader(data.train, config.batch_size, train=True, seed=0, on_device=on_device)
+    started = time.perf_counter()
+    count = 0
+    for images, labels in loader:
+        images.to(device, non_blocking=True)
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / max(count, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="mnist-1k")
+    parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
+    parser.add_argument("--data-paths", nargs="+", default=list(DATA_PATHS), choices=list(DATA_PATHS))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--search-steps", type=int, default=40, help="steps per group of the search")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        # The stage-2 and search runs need a teacher and an aggregation: one short run of each.
+        teacher_config = TeacherConfig(**{**preset_values(args.preset, "train-teacher", TeacherConfig),
+                                          **_common(args, "off", work / "teacher"), "epochs": 1})
+        train_teacher(teacher_config)
+        teacher = str(work / "teacher" / "last.pt")
+        search_config = SearchConfig(**{**preset_values(args.preset, "search", SearchConfig),
+                                        **_common(args, "off", work / "search"), "teacher": teacher,
+                                        "steps_per_group": 4, "warmup_steps": 0})
+        run_search(search_config)
+        aggregation = str(work / "search" / "search.json")
+        for path, mode in DATA_PATHS.items():
+            if path in args.data_paths:
+                print(f"data alone ({path}): {1e3 * data_seconds_per_batch(args, mode):.2f} ms/batch", flush=True)
+        for name in args.trainers:
+            for path in args.data_paths:
+                result = run_trainer(name, DATA_PATHS[path], args, work, teacher, aggregation)
+                rows.append([name, path, str(result["steps"]), f"{result['total']:.1f}", f"{result['images/s']:.0f}",
+                             f"{1e3 * result['step']:.1f}", f"{result['overhead']:.2f}"])
+                print(" | ".join(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.preset}, {args.epochs} epoch(s), search {args.search_steps} steps per group; {device}; "
+          f"torch {torch.__version__}\n")
+    print(markdown_table(["trainer", "data", "steps", "s total", "img/s", "step ms", "total / (steps x step)"], rows))
+
+
+if __name__ == "__main__":
+    main()
