@@ -10,7 +10,7 @@
 # 2.11 on Python 3.12), nvcc under /usr/local/cuda and 16 cores.  Nothing is downloaded: a missing
 # pytest skips the tests (with a message) and the benchmark still runs.
 #
-# Time: about 8 minutes in all.  Each step runs under `timeout`; the build gets up to 300 s, the CUDA
+# Time: about 9.5 minutes in all.  Each step runs under `timeout`; the build gets up to 300 s, the CUDA
 # tests 210 s, the CPU tests 60 s, the distillation-step benchmark GPU_CHECK_DISTILL_BENCH_S (80 s) and
 # the ops benchmark what is left of GPU_CHECK_BUDGET_S (default 480 s; at least 90 s, and never past
 # 570 s from the start).  A failing or timed-out step is reported and the script goes on; it exits 0
@@ -191,6 +191,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout -s INT -k 15 "$(cap "$DISTILL_BENCH_S")" "$PY" bench/bench_distill_step.py --device cuda --batch 128 \
     --markdown "$LOGS/bench_distill_cuda.md" 2>&1 | tee "$LOGS/bench_distill.log"
   record "distill-step benchmark" $?
+
+  section "benchmark of whole epochs, loader vs data on the GPU (up to $(cap 90) s)"
+  timeout -s INT -k 15 "$(cap 90)" "$PY" bench/bench_epoch.py --device cuda --trainers teacher search-1 vanilla dfa \
+    2>&1 | tee "$LOGS/bench_epoch.log"
+  record "epoch benchmark" $?
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -202,6 +207,7 @@ fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo
   [ -s "$LOGS/bench_distill_cuda.md" ] && { cat "$LOGS/bench_distill_cuda.md"; echo; }
+  [ -s "$LOGS/bench_epoch.log" ] && { grep -E "^\||epoch\(s\)" "$LOGS/bench_epoch.log"; echo; }
   if [ -s "$TABLE" ]; then
     cat "$TABLE"
   else

@@ -64,3 +64,27 @@ def test_evaluate_on_cuda_matches_cpu(teacher):
     on_cpu = evaluate_checkpoint(EvaluateConfig(checkpoint=teacher, device="cpu"))
     assert on_gpu["top1"] == pytest.approx(on_cpu["top1"], abs=0.3)
     assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-3)
+
+
+def test_data_on_the_gpu_gives_the_loaders_batches():
+    # auto puts an in-memory dataset on the GPU; its batches are the CPU loader's (the gather is
+    # exact; the normalising multiply-add may round differently on the GPU, by an ulp at most).
+    from dfa_ext.data import load_data, make_loader
+    from dfa_ext.data.device_batches import DeviceImages, data_on_device
+
+    train = load_data("digits", seed=3, padding=1, flip=True).train
+    on_device = data_on_device("auto", train, torch.device("cuda"))
+    assert isinstance(on_device, DeviceImages) and on_device.pixels.device.type == "cuda"
+    kwargs = dict(train=True, seed=5, epoch=2, start_batch=1, rank=1, world_size=2)
+    expected = list(make_loader(train, 32, **kwargs))
+    got = list(make_loader(train, 32, on_device=on_device, **kwargs))
+    assert len(got) == len(expected) > 0
+    for (images, labels), (gpu_images, gpu_labels) in zip(expected, got):
+        assert gpu_images.device.type == "cuda" and torch.equal(gpu_labels.cpu(), labels)
+        torch.testing.assert_close(gpu_images.cpu(), images, rtol=1e-6, atol=1e-6)
+
+
+def test_teacher_trains_with_data_on_the_gpu(tmp_path):
+    result = train_teacher(TeacherConfig(**COMMON, model="resnet8", epochs=2, data_on_device="on",
+                                         out=str(tmp_path / "on")))
+    assert result.last_top1 > 50.0
