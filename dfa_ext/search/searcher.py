@@ -113,6 +113,9 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                                loss_scaling=scaler.is_enabled(), dist=dist, hint=SEARCH_HINT)
     # Only one group's connectors take part in a step, hence find_unused_parameters.
     ddp_net = wrap_ddp(net, device, dist, sync_bn=config.sync_bn, find_unused_parameters=True)
+    # --compile: the weight step (one graph per group); the architecture step, which perturbs the
+    # weights in place (second order) and differentiates through beta, stays eager.
+    weight_step_net = config.compiled(ddp_net)
 
     settings = {**config_dict(config), "epochs_per_group": None, "steps_per_group": steps_per_group,
                 "warmup_steps": warmup_steps}  # as resolved
@@ -213,7 +216,7 @@ def run_search(config: SearchConfig, *, teacher: models.TappedNetwork | None = N
                                allow=lambda grad: arch_guard.observe(step + 1, config.arch_lr, {
                                    "beta gradient": grad, "beta": betas[group]}))
             with autocast:
-                _, losses = ddp_net(train.images, train.labels, train.teacher[group], betas[group].detach(),
+                _, losses = weight_step_net(train.images, train.labels, train.teacher[group], betas[group].detach(),
                                     group, True)
             lr = weight_optimizer.param_groups[0]["lr"]
             optimizer_step(sum(losses.values()), weight_optimizer, scaler, net.parameters(), config.grad_clip,

@@ -213,7 +213,8 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     for frozen in task.frozen_modules():
         frozen.to(memory_format=config.memory_format)
     model = wrap_ddp(task, device, dist, sync_bn=config.sync_bn,
-                     find_unused_parameters=task.has_unused_parameters)  # what the steps run
+                     find_unused_parameters=task.has_unused_parameters)
+    step_model = config.compiled(model)  # what the steps run; checkpoints keep reading ``task``
     optimizer = make_sgd(task.trainable_parameters(), lr=config.lr, momentum=config.momentum,
                          nesterov=config.nesterov, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -292,7 +293,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                     images = images.to(device, non_blocking=True, memory_format=memory_format)
                     labels = labels.to(device, non_blocking=True)
                     with autocast:
-                        logits, losses = model(images, labels)
+                        logits, losses = step_model(images, labels)
                     loss = sum(losses.values())
                     applied = optimizer_step(loss, optimizer, scaler, task.trainable_parameters(), config.grad_clip,
                                              lambda norm: nonfinite.observe(step + 1, lr, {**losses, "gradient norm": norm}))

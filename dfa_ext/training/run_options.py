@@ -13,6 +13,7 @@ from ..data.device_batches import DATA_ON_DEVICE_CHOICES
 from ..errors import ConfigError
 
 AMP_CHOICES = ("none", "bf16", "fp16")
+COMPILE_CHOICES = ("off", "default", "max-autotune", "reduce-overhead")
 NONFINITE_CHOICES = ("stop", "skip")
 
 
@@ -24,6 +25,9 @@ class RunOptions:
     deterministic: bool = option(False, "deterministic kernels only (slower on GPUs)")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     amp: str = option("none", "mixed precision: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)", choices=AMP_CHOICES)
+    compile: str = option("off", "torch.compile the training step's forward and losses (the dfa:: ops stay single "
+                          "graph nodes): default, max-autotune, or reduce-overhead (CUDA graphs on a GPU); "
+                          "the first steps wait for the compiler", choices=COMPILE_CHOICES)
     channels_last: bool = option(True, "NHWC layout for images and conv weights (faster convolutions)")
     num_workers: int = option(0, "data-loading worker processes")
     data_on_device: str = option("auto", "keep an in-memory dataset (mnist, digits, cifar) on the training device and "
@@ -43,12 +47,20 @@ class RunOptions:
     def validate(self) -> None:
         if self.amp not in AMP_CHOICES:
             raise ConfigError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.num_workers < 0 or self.checkpoint_every < 0:
             raise ConfigError("num_workers and checkpoint_every must be >= 0")
         if self.on_nonfinite not in NONFINITE_CHOICES:
             raise ConfigError(f"on_nonfinite must be one of {NONFINITE_CHOICES}, got {self.on_nonfinite!r}")
         if self.max_consecutive_skips < 1:
             raise ConfigError(f"max_consecutive_skips must be a positive integer, got {self.max_consecutive_skips}")
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """``module`` as the training steps call it: compiled as ``compile`` says, or itself."""
+        if self.compile == "off":
+            return module
+        return torch.compile(module, mode=self.compile)
 
     @property
     def memory_format(self) -> torch.memory_format:
