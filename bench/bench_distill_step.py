@@ -1,6 +1,7 @@
 """Benchmark of one stage-2 training step (teacher forward, student forward and backward, SGD)
 on the same networks and batch: DFA with the fused ops, with the eager pure-PyTorch reference and
-with that reference under torch.compile, the fused step with the trainers' divergence guard
+with that reference under torch.compile, the whole step's forward compiled as ``--compile`` does
+(fused DFA and vanilla), the fused step with the trainers' divergence guard
 (non-finite losses and gradient norm recorded on the device), beside the vanilla (CE only), KD and OFD steps.
 
 Reports the median time per step, the ratio to the fused DFA step, the time inside the dfa:: ops
@@ -28,7 +29,8 @@ from dfa_ext.margins import group_margins  # noqa: E402
 from dfa_ext.training.finite import CHECK_EVERY, FiniteGuard  # noqa: E402
 from dfa_ext.training.optim_step import optimizer_step  # noqa: E402
 
-COLUMNS = ("dfa fused", "dfa fused + divergence guard", "dfa reference (eager)", "dfa reference (torch.compile)", "ofd fused", "kd", "vanilla")
+COLUMNS = ("dfa fused", "dfa fused + divergence guard", "dfa reference (eager)", "dfa reference (torch.compile)",
+           "dfa fused, step compiled (--compile)", "ofd fused", "kd", "vanilla", "vanilla, step compiled (--compile)")
 
 
 def _compiled_reference() -> types.SimpleNamespace:
@@ -54,6 +56,8 @@ def build_step(args, column: str, device: torch.device):
                                 margins=[group_margins(b) for b in bns], weights=stage_weights(len(pairs)),
                                 kernels="reference" if "reference" in column else "fused")
     task.to(device, memory_format=torch.channels_last).train()
+    # --compile: the trainers compile the task's forward (networks and losses), as here
+    forward = torch.compile(task, mode=args.compile_mode) if "step compiled" in column else task
     params = list(task.trainable_parameters())
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -67,7 +71,7 @@ def build_step(args, column: str, device: torch.device):
 
     def step() -> None:
         with autocast:
-            _, losses = task(images, labels)
+            _, losses = forward(images, labels)
         count[0] += 1
         allow = None if guard is None else (lambda norm: guard.observe(count[0], 0.01, {**losses, "gradient norm": norm}))
         optimizer_step(sum(losses.values()), optimizer, scaler, params, None, allow)
@@ -83,7 +87,9 @@ def main() -> None:
     add_network_arguments(parser)
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune", "reduce-overhead"],
+                        help="mode of the compiled-step columns (the trainers' --compile)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -92,7 +98,7 @@ def main() -> None:
     rows, fused = [], None
     original = distillers.dfa_ops
     for column in columns:
-        if "compile" in column:
+        if column == "dfa reference (torch.compile)":
             compiled = _compiled_reference()
             distillers.dfa_ops = lambda kernels, ops=compiled: ops  # the bench only: the compiled reference
         try:

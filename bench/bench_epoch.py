@@ -11,9 +11,13 @@ epoch's worth of steps per group) and reports:
 - ``step ms``: median time between consecutive steps (data of the step included);
 - ``data ms/batch``: one epoch of the data path alone (no model), per batch;
 - ``total / (steps x step)``: what the run costs beyond its steps (set-up, evaluation,
-  checkpoints, the first step's warm-up); the goal is within 10 %.
+  checkpoints, the first steps' warm-up, and under ``--compile`` the compilation); the goal is
+  within 10 % for runs long enough to amortise the compilation.
+
+``step ms`` eager vs ``--compile default`` is the compiled step's speed-up once compiled.
 
     python bench/bench_epoch.py [--device cpu|cuda] [--trainers teacher search-1 ...] [--epochs 1]
+                                [--compile off default] [--data-paths loader device]
 
 The regime is the mnist-1k preset (the demo's: 1,000 digits at 14x14, ResNet-20 -> ResNet-8
 width 2) unless --preset names another.
@@ -60,15 +64,16 @@ class StepClock:
         return statistics.median(gaps) if gaps else float("nan")
 
 
-def _common(args, mode: str, out: Path) -> dict:
-    return dict(device=args.device, data_on_device=mode, progress=False, tensorboard=False, out=str(out),
-                seed=0)
+def _common(args, mode: str, out: Path, compile_mode: str = "off") -> dict:
+    return dict(device=args.device, data_on_device=mode, compile=compile_mode, progress=False, tensorboard=False,
+                out=str(out), seed=0)
 
 
-def run_trainer(name: str, mode: str, args, work: Path, teacher: str, aggregation: str) -> dict:
-    """Runs trainer ``name`` with data path ``mode``; returns its row's numbers."""
-    out, clock = work / f"{name}-{mode}", StepClock()
-    common = _common(args, mode, out)
+def run_trainer(name: str, mode: str, compile_mode: str, args, work: Path, teacher: str, aggregation: str) -> dict:
+    """Runs trainer ``name`` with data path ``mode`` and ``--compile compile_mode``; returns its
+    row's numbers."""
+    out, clock = work / f"{name}-{mode}-{compile_mode}", StepClock()
+    common = _common(args, mode, out, compile_mode)
     started = time.perf_counter()
     if name == "teacher":
         config = TeacherConfig(**{**preset_values(args.preset, "train-teacher", TeacherConfig), **common,
@@ -118,6 +123,8 @@ def main() -> None:
     parser.add_argument("--preset", default="mnist-1k")
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
     parser.add_argument("--data-paths", nargs="+", default=list(DATA_PATHS), choices=list(DATA_PATHS))
+    parser.add_argument("--compile", nargs="+", default=["off", "default"], dest="compile_modes",
+                        choices=["off", "default", "max-autotune", "reduce-overhead"])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--search-steps", type=int, default=40, help="steps per group of the search")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -142,15 +149,16 @@ def main() -> None:
             if path in args.data_paths:
                 print(f"data alone ({path}): {1e3 * data_seconds_per_batch(args, mode):.2f} ms/batch", flush=True)
         for name in args.trainers:
-            for path in args.data_paths:
-                result = run_trainer(name, DATA_PATHS[path], args, work, teacher, aggregation)
-                rows.append([name, path, str(result["steps"]), f"{result['total']:.1f}", f"{result['images/s']:.0f}",
-                             f"{1e3 * result['step']:.1f}", f"{result['overhead']:.2f}"])
-                print(" | ".join(rows[-1]), flush=True)
+            for compile_mode in args.compile_modes:
+                for path in args.data_paths:
+                    result = run_trainer(name, DATA_PATHS[path], compile_mode, args, work, teacher, aggregation)
+                    rows.append([name, compile_mode, path, str(result["steps"]), f"{result['total']:.1f}",
+                                 f"{result['images/s']:.0f}", f"{1e3 * result['step']:.1f}", f"{result['overhead']:.2f}"])
+                    print(" | ".join(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{args.preset}, {args.epochs} epoch(s), search {args.search_steps} steps per group; {device}; "
           f"torch {torch.__version__}\n")
-    print(markdown_table(["trainer", "data", "steps", "s total", "img/s", "step ms", "total / (steps x step)"], rows))
+    print(markdown_table(["trainer", "compile", "data", "steps", "s total", "img/s", "step ms", "total / (steps x step)"], rows))
 
 
 if __name__ == "__main__":
