@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup build demo test test-python test-cpp bench clean
+.PHONY: setup build demo test test-python test-cpp test-bench-smoke bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,15 +32,23 @@ $(VENV)/.built: $(VENV)/.installed $(CSRC)
 demo: build
 	$(VENV)/bin/dfa demo
 
-test: test-python test-cpp
+test: test-python test-cpp test-bench-smoke
 
 test-python: build
 	$(PY) -m pytest python_tests
 
+# Every microbenchmark called once, without timing (the compiled ones left out: minutes of
+# compilation on the CPU), so that the benchmarks cannot rot.
+test-bench-smoke: build
+	$(PY) -m pytest bench --benchmark-disable -m "not compile" -q -p no:cacheprovider
+
 test-cpp: build
 	PYTHON=$(PY) bash cpp_tests/run.sh
 
+# The microbenchmark tables (fused vs eager vs compiled reference; --benchmark-autosave keeps a run
+# for --benchmark-compare), then the roofline table of the ops.
 bench: build
+	$(PY) -m pytest bench --benchmark-only --benchmark-autosave -p no:cacheprovider
 	$(PY) bench/bench_ops.py
 
 clean:

@@ -36,8 +36,9 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int]:
     return b, c, h, w, k
 
 
-def make_case(op: str, shape, dtype, device, margins: bool):
-    """Inputs and the forward+backward step for each implementation of one op."""
+def make_case(op: str, shape, dtype, device, margins: bool, backward: bool = True):
+    """Inputs and the forward+backward step (``backward=False``: the forward alone) for each
+    implementation of one op, and the bytes a minimal fused implementation moves for it."""
     b, c, h, w, k = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
     features = [torch.randn(b, c, h, w, generator=gen).to(device, dtype) for _ in range(k)]
@@ -56,13 +57,19 @@ def make_case(op: str, shape, dtype, device, margins: bool):
     else:
         args, wrt, grad = (student, features, beta, m), [student, beta], grad_loss
         maps_moved = 2 * (k + 1) + 1
+    if not backward:
+        maps_moved = k + 1  # K maps (and the student) in; aggregate: K in + 1 out
     nbytes = maps_moved * features[0].numel() * features[0].element_size()
 
     def step(fn: Callable) -> Callable[[], object]:
         def run():
             out = fn(*args)
             return torch.autograd.grad(out, wrt, grad)
-        return run
+
+        def run_forward():
+            with torch.no_grad():
+                return fn(*args)
+        return run if backward else run_forward
 
     ref_fn = getattr(reference, op)
     compiled = torch.compile(ref_fn, dynamic=False, fullgraph=True)
