@@ -224,3 +224,58 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0, weight_spread: float = 1
                 m.bias.copy_(torch.randn(c, generator=g) * 0.5)
                 m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
+def autocast_terms(impl: ModuleType, device_type: str, dtype: torch.dtype, x: torch.Tensor,
+                   convs: torch.nn.ModuleList, beta: torch.Tensor, margins: torch.Tensor) -> dict:
+    """Each op's scalar under ``torch.autocast(device_type, dtype)``: 16-bit conv outputs with
+    float32 beta and margins. One scalar per op, compared one by one: in a sum, the partial-L2
+    term dominates beta's gradient and would hide a wrong gradient of the other two."""
+    with torch.autocast(device_type, dtype=dtype):
+        student = convs[0](x)
+        features = [conv(x) for conv in convs[1:]]
+        assert student.dtype == dtype and all(f.dtype == dtype for f in features)
+        assert beta.dtype == torch.float32 and margins.dtype == torch.float32
+        agg = impl.aggregate(features, beta, margins)
+        assert agg.dtype == dtype
+        losses = (impl.bridge_st_loss(student, features, beta), impl.partial_l2(student, features, beta, margins))
+        assert all(loss.dtype == torch.float32 for loss in losses)
+        return {"aggregate": agg.float().square().mean(), "bridge_st_loss": losses[0].sum(),
+                "partial_l2": losses[1].sum()}
+
+
+def check_autocast_gradients(device: str, dtype: torch.dtype, beta_rtol: float, weight_rtol: float) -> None:
+    """Under autocast the fused ops' gradients reach beta (float32) and the conv weights and equal
+    the reference's under the same autocast, op by op: beta within ``beta_rtol`` of its largest
+    entry (a gradient 1 % off must fail: checked), the conv weights within ``weight_rtol``."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    k = 3
+    convs = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3, padding=1) for _ in range(k + 1)]).to(device)
+    x = torch.randn(2, 3, 7, 9, generator=gen).to(device)
+    beta = torch.nn.Parameter(torch.randn(k, generator=gen).to(device))
+    margins = (0.3 * torch.randn(k, 4, generator=gen)).to(device)  # conv outputs fall on both sides
+    params: List[torch.Tensor] = [beta, *convs.parameters()]
+    device_type = torch.device(device).type
+    terms = autocast_terms(ops, device_type, dtype, x, convs, beta, margins)
+    ref_terms = autocast_terms(reference, device_type, dtype, x, convs, beta, margins)
+    for name in terms:
+        grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True)
+        ref_grads = torch.autograd.grad(ref_terms[name], params, retain_graph=True, allow_unused=True)
+        assert grads[0].dtype == torch.float32
+        for g, rg, p in zip(grads, ref_grads, params):
+            if rg is None:  # the student's conv in the aggregate term
+                assert g is None, name
+                continue
+            assert g.dtype == p.dtype and g.device.type == device_type and torch.isfinite(g).all()
+            assert g.abs().max() > 0, name
+            rtol = beta_rtol if p is beta else weight_rtol
+            torch.testing.assert_close(g, rg, rtol=rtol, atol=rtol * float(rg.abs().max()),
+                                       msg=lambda m: f"{name}: {m}")
+        # Negative control: the beta tolerance tells a gradient 1 % off (a wrong scale) from the right one.
+        try:
+            torch.testing.assert_close(1.01 * grads[0], ref_grads[0], rtol=beta_rtol,
+                                       atol=beta_rtol * float(ref_grads[0].abs().max()))
+        except AssertionError:
+            continue
+        raise AssertionError(f"{name}: a beta gradient 1 % off passes rtol {beta_rtol}")

@@ -26,8 +26,8 @@ import torch
 import dfa_ext
 from dfa_ext import ops, reference
 from dfa_helpers import (F64, LAYOUTS, MARGIN_OPS, OP_MARGINS, OPS, STUDENT_OPS, Inputs, assert_close_to_reference,
-                         away_from_kinks, call, check_against_reference, grad_leaves, make_inputs,
-                         memory_layout_of, op_id, seed_of, upstream_like, value_and_grads)
+                         away_from_kinks, call, check_against_reference, check_autocast_gradients, grad_leaves,
+                         make_inputs, memory_layout_of, op_id, seed_of, upstream_like, value_and_grads)
 # The CPU tests' cases and helpers, reused so both devices run the same checks.
 from test_compile import _objective
 from test_determinism import SHAPE as DETERMINISM_SHAPE
@@ -321,23 +321,6 @@ def test_half_matches_float32_reference(dtype: torch.dtype, name: str, layout: s
     check_half_against_float32_reference(name, inp)
 
 
-def _autocast_terms(impl, dtype: torch.dtype, x: torch.Tensor, convs: torch.nn.ModuleList, beta: torch.Tensor,
-                    margins: torch.Tensor) -> dict:
-    """One scalar per op, compared one by one: in a sum, the partial-L2 term dominates beta's
-    gradient and would hide a wrong gradient of the other two (as in test_low_precision)."""
-    with torch.autocast("cuda", dtype=dtype):
-        student = convs[0](x)
-        features = [conv(x) for conv in convs[1:]]
-        assert student.dtype == dtype and all(f.dtype == dtype for f in features)
-        assert beta.dtype == torch.float32 and margins.dtype == torch.float32
-        agg = impl.aggregate(features, beta, margins)
-        assert agg.dtype == dtype
-        losses = (impl.bridge_st_loss(student, features, beta), impl.partial_l2(student, features, beta, margins))
-        assert all(loss.dtype == torch.float32 for loss in losses)
-        return {"aggregate": agg.float().square().mean(), "bridge_st_loss": losses[0].sum(),
-                "partial_l2": losses[1].sum()}
-
-
 # Both sides get the same 16-bit maps and sum beta's gradient in float32; the aggregate's 16-bit
 # rounding may differ by an ulp where the reference rounds intermediate products (2^-11 for fp16),
 # so 2e-3 of the largest entry: a gradient 1 % off still fails (the control below).
@@ -350,33 +333,7 @@ def test_autocast_half_maps_float32_beta(dtype: torch.dtype) -> None:
     gradients reach beta (float32) and the conv weights and equal the reference's under the same
     autocast, op by op (beta: CUDA_AUTOCAST_BETA_RTOL; conv weights through 16-bit backward: 3e-2
     of the largest entry)."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    k = 3
-    convs = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3, padding=1) for _ in range(k + 1)]).to(DEV)
-    x = torch.randn(2, 3, 7, 9, generator=gen).to(DEV)
-    beta = torch.nn.Parameter(torch.randn(k, generator=gen).to(DEV))
-    margins = (0.3 * torch.randn(k, 4, generator=gen)).to(DEV)
-    params: List[torch.Tensor] = [beta, *convs.parameters()]
-
-    terms = _autocast_terms(ops, dtype, x, convs, beta, margins)
-    ref_terms = _autocast_terms(reference, dtype, x, convs, beta, margins)
-    for name in terms:
-        grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True)
-        ref_grads = torch.autograd.grad(ref_terms[name], params, retain_graph=True, allow_unused=True)
-        assert grads[0].dtype == torch.float32
-        for g, rg, p in zip(grads, ref_grads, params):
-            if rg is None:  # the student's conv in the aggregate term
-                assert g is None, name
-                continue
-            assert g.dtype == p.dtype and g.device.type == "cuda" and torch.isfinite(g).all()
-            assert g.abs().max() > 0, name
-            rtol = CUDA_AUTOCAST_BETA_RTOL if p is beta else 3e-2
-            torch.testing.assert_close(g, rg, rtol=rtol, atol=rtol * float(rg.abs().max()),
-                                       msg=lambda m: f"{name}: {m}")
-        with pytest.raises(AssertionError):  # the control: a gradient 1 % off fails
-            torch.testing.assert_close(1.01 * grads[0], ref_grads[0], rtol=CUDA_AUTOCAST_BETA_RTOL,
-                                       atol=CUDA_AUTOCAST_BETA_RTOL * float(ref_grads[0].abs().max()))
+    check_autocast_gradients(DEV, dtype, CUDA_AUTOCAST_BETA_RTOL, 3e-2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ Tolerances (the kernels compute in float32 like the reference; only summation or
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 import torch
 
 from dfa_ext import ops, reference
-from dfa_helpers import OP_MARGINS, Inputs, call, grad_leaves, make_inputs, op_id, seed_of, upstream_like
+from dfa_helpers import (OP_MARGINS, Inputs, call, check_autocast_gradients, grad_leaves, make_inputs, op_id, seed_of,
+                         upstream_like)
 
 HALF_TOL: Dict[torch.dtype, Dict[str, float]] = {
     torch.bfloat16: dict(rtol=2.0 ** -7, atol=1e-5),
@@ -85,51 +86,7 @@ def test_half_matches_float32_reference(dtype: torch.dtype, name: str, layout: s
     check_half_against_float32_reference(name, inp)
 
 
-def _autocast_terms(impl, x: torch.Tensor, convs: torch.nn.ModuleList, beta: torch.Tensor,
-                    margins: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """One scalar per op, compared one by one: in a sum, the partial-L2 term dominates beta's
-    gradient and would hide a wrong gradient of the other two."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        student = convs[0](x)
-        features = [conv(x) for conv in convs[1:]]
-        assert student.dtype == torch.bfloat16 and all(f.dtype == torch.bfloat16 for f in features)
-        assert beta.dtype == torch.float32 and margins.dtype == torch.float32
-        agg = impl.aggregate(features, beta, margins)
-        assert agg.dtype == torch.bfloat16
-        losses = (impl.bridge_st_loss(student, features, beta), impl.partial_l2(student, features, beta, margins))
-        assert all(loss.dtype == torch.float32 for loss in losses)
-        return {"aggregate": agg.float().square().mean(), "bridge_st_loss": losses[0].sum(),
-                "partial_l2": losses[1].sum()}
-
-
 def test_autocast_bf16_maps_float32_beta() -> None:
     """Under autocast the ops take bf16 maps with float32 beta and margins; gradients reach beta
     (float32) and the conv weights, and equal the reference's under the same autocast."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    k = 3
-    convs = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3, padding=1) for _ in range(k + 1)])
-    x = torch.randn(2, 3, 7, 9, generator=gen)
-    beta = torch.nn.Parameter(torch.randn(k, generator=gen))
-    margins = 0.3 * torch.randn(k, 4, generator=gen)  # conv outputs fall on both sides
-    params: List[torch.Tensor] = [beta, *convs.parameters()]
-
-    terms = _autocast_terms(ops, x, convs, beta, margins)
-    ref_terms = _autocast_terms(reference, x, convs, beta, margins)
-    for name in terms:
-        grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True)
-        ref_grads = torch.autograd.grad(ref_terms[name], params, retain_graph=True, allow_unused=True)
-        assert grads[0].dtype == torch.float32
-        for g, rg, p in zip(grads, ref_grads, params):
-            if rg is None:  # the student's conv in the aggregate term
-                assert g is None, name
-                continue
-            assert g.dtype == p.dtype and torch.isfinite(g).all()
-            assert g.abs().max() > 0, name
-            rtol = AUTOCAST_BETA_RTOL if p is beta else HALF_TOL[torch.bfloat16]["rtol"]
-            torch.testing.assert_close(g, rg, rtol=rtol, atol=rtol * float(rg.abs().max()),
-                                       msg=lambda m: f"{name}: {m}")
-        # Negative control: the beta tolerance tells a gradient 1 % off (a wrong scale) from the right one.
-        with pytest.raises(AssertionError):
-            torch.testing.assert_close(1.01 * grads[0], ref_grads[0], rtol=AUTOCAST_BETA_RTOL,
-                                       atol=AUTOCAST_BETA_RTOL * float(ref_grads[0].abs().max()))
+    check_autocast_gradients("cpu", torch.bfloat16, AUTOCAST_BETA_RTOL, HALF_TOL[torch.bfloat16]["rtol"])
