@@ -60,7 +60,10 @@ class RunOptions:
         """``module`` as the training steps call it: compiled as ``compile`` says, or itself."""
         if self.compile == "off":
             return module
-        return torch.compile(module, mode=self.compile)
+        # Static shapes: a training step's batch never changes size (the last partial batch is
+        # dropped), and the search's groups differ in shape: one static graph each, not one
+        # slower dynamic graph after the second group.
+        return torch.compile(module, mode=self.compile, dynamic=False)
 
     @property
     def memory_format(self) -> torch.memory_format:
