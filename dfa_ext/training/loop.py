@@ -257,14 +257,18 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         nonfinite.check()
         nonfinite.check_state({"weights": task.state_dict(), "optimizer": optimizer.state_dict()}, path)
 
+    saved_seconds = elapsed  # the training time last.pt holds: what the result reports, run now or earlier
+
     def checkpoint(next_epoch: int, next_batch: int, epoch_sums: list[dict] | None) -> None:
+        nonlocal saved_seconds
         verify(last_path)
+        saved_seconds = seconds()
         if dist.is_main:
             save_checkpoint(last_path, {
                 "kind": kind, "signature": signature, **(extra_state or {}), **task.export_state(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 "epoch": next_epoch, "batch": next_batch, "step": step, "best_top1": best_top1,
-                "epoch_sums": epoch_sums, "nonfinite": nonfinite.state_dict(), "seconds": seconds()})
+                "epoch_sums": epoch_sums, "nonfinite": nonfinite.state_dict(), "seconds": saved_seconds})
         nonfinite.saved = f"{last_path} holds the state after step {step}"
         dist.barrier()
 
@@ -351,4 +355,6 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
         last_metrics = evaluate(task.classifier, data.test, batch_size=config.eval_batch_size,
                                 device=device, autocast=autocast, dist=dist, memory_format=memory_format,
                                 on_device=test_images)
-    return FitResult(best_top1, last_metrics["top1"], last_metrics["top5"], epoch, seconds(), out)
+    # The seconds of the final checkpoint, not of this moment: a finished run re-checked later
+    # reports the same number (and the demo reprints the same table).
+    return FitResult(best_top1, last_metrics["top1"], last_metrics["top5"], epoch, saved_seconds, out)
