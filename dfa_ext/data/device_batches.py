@@ -62,9 +62,7 @@ class DeviceImages:
         self.pixels = F.pad(base.images.to(self.device), (pad, pad, pad, pad))
         self.labels = base.labels.to(self.device)
         self.shape = tuple(base.images.shape[1:])
-        uint8 = base.images.dtype == torch.uint8
-        self.scale = (preprocess.scale_uint8 if uint8 else preprocess.scale).to(self.device)
-        self.shift = preprocess.shift.to(self.device)
+        self.preprocess = preprocess.to(self.device)
 
     def batch(self, items: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Items ``items`` (int64 [B], positions in the dataset given at construction) of epoch
@@ -81,11 +79,10 @@ class DeviceImages:
         rows = top[:, None] + torch.arange(height)                       # [B, H]
         cols = left[:, None] + torch.arange(width)                        # [B, W]
         cols = torch.where(flip[:, None], cols.flip(1), cols)
-        gather = (index.to(self.device)[:, None, None, None],
-                  torch.arange(channels, device=self.device)[None, :, None, None],
+        index = index.to(self.device)
+        gather = (index[:, None, None, None], torch.arange(channels, device=self.device)[None, :, None, None],
                   rows.to(self.device)[:, None, :, None], cols.to(self.device)[:, None, None, :])
-        images = torch.addcmul(self.shift, self.pixels[gather].to(torch.float32), self.scale)
-        return images, self.labels[index.to(self.device)]
+        return self.preprocess.normalise(self.pixels[gather]), self.labels[index]
 
 
 class DeviceBatches:
@@ -102,7 +99,7 @@ class DeviceBatches:
         return full + (rest > 0 and not self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(list(self.sampler), dtype=torch.int64)
+        order = self.sampler.rank_indices()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             yield self.images.batch(order[start:start + self.batch_size], self.epoch)
 

@@ -60,14 +60,15 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return torch.randperm(self.length, generator=generator)
 
-    def _rank_indices(self) -> torch.Tensor:
+    def rank_indices(self) -> torch.Tensor:
+        """This rank's indices of this epoch, after ``start``: int64 [len(self)]."""
         order = self.order()
         if self.drop_last:
             order = order[: self.length - self.length % self.world_size]
         return order[self.rank::self.world_size][self.start:]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._rank_indices().tolist())
+        return iter(self.rank_indices().tolist())
 
     def __len__(self) -> int:
         per_rank = (self.length // self.world_size if self.drop_last

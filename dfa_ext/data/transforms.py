@@ -8,6 +8,7 @@ crop and flip whatever the number of loader workers or processes, and after a re
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -106,8 +107,19 @@ class Preprocess:
         The crop's zero padding is black on both scales."""
         if self.augment is not None:
             image = self.augment(image, sample_generator(self.seed, epoch, index))
-        scale = self.scale_uint8 if image.dtype == torch.uint8 else self.scale
-        return torch.addcmul(self.shift, image.to(torch.float32), scale)
+        return self.normalise(image)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` [..., C, H, W] (uint8 0..255, or float in [0, 1]) -> normalised float32, on
+        the device of this object's tensors (see :meth:`to`)."""
+        scale = self.scale_uint8 if images.dtype == torch.uint8 else self.scale
+        return torch.addcmul(self.shift, images.to(torch.float32), scale)
+
+    def to(self, device: torch.device) -> "Preprocess":
+        """A copy whose normalisation runs on ``device`` (the augmentation draws stay on the CPU)."""
+        moved = copy.copy(self)
+        moved.scale, moved.scale_uint8, moved.shift = (t.to(device) for t in (self.scale, self.scale_uint8, self.shift))
+        return moved
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
