@@ -63,6 +63,14 @@ class RunOptions:
         # Static shapes: a training step's batch never changes size (the last partial batch is
         # dropped), and the search's groups differ in shape: one static graph each, not one
         # slower dynamic graph after the second group.
+        parameter = next(module.parameters(), None)
+        if parameter is not None and parameter.device.type == "cpu" and onednn_unsafe_convs(module):
+            # Inductor's layout optimisation turns convolutions channels_last by itself, which
+            # gives oneDNN the convolutions it trains wrongly (see onednn_unsafe_convs: weight
+            # gradients 180x off for a width-2 ResNet-8, or a hang); keep the layout we chose.
+            # (torch.compile takes a mode or options, not both: the mode's options are merged in.)
+            options = {**torch._inductor.list_mode_options(self.compile), "layout_optimization": False}
+            return torch.compile(module, options=options, dynamic=False)
         return torch.compile(module, mode=self.compile, dynamic=False)
 
     @property
