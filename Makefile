@@ -46,9 +46,11 @@ test-cpp: build
 	PYTHON=$(PY) bash cpp_tests/run.sh
 
 # The microbenchmark tables (fused vs eager vs compiled reference; --benchmark-autosave keeps a run
-# for --benchmark-compare), then the roofline table of the ops.
+# for --benchmark-compare), the same as one Markdown table, then the roofline table of the ops.
 bench: build
-	$(PY) -m pytest bench --benchmark-only --benchmark-autosave -p no:cacheprovider
+	mkdir -p bench/out
+	$(PY) -m pytest bench --benchmark-only --benchmark-autosave --benchmark-json=bench/out/ops.json -p no:cacheprovider
+	$(PY) bench/report_benchmarks.py bench/out/ops.json --markdown bench/out/ops.md
 	$(PY) bench/bench_ops.py
 
 clean:
