@@ -54,7 +54,11 @@ class ClassifierHead(nn.Module):
 
 def init_weights(model: nn.Module) -> None:
     """Kaiming-normal convolutions (fan_out, as RepDistiller and the WRN code), BN weight 1 bias 0,
-    linear layers with a zero bias."""
+    linear layers with a zero bias. A model built on the meta device (to check a name and its
+    options without memory) has no values to set: skipped, since a random draw on meta tensors
+    goes through torch._refs, whose first use imports torch._dynamo (~4 s)."""
+    if any(p.is_meta for p in model.parameters()):
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
