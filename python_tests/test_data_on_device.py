@@ -4,6 +4,8 @@ rank and resume position; trainers give the same weights either way."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from PIL import Image
@@ -93,6 +95,20 @@ def test_augmentation_is_really_applied_on_the_device():
     test = DATASETS["digits-test"]
     test_images, _ = DeviceImages(test, CPU).batch(torch.arange(20), 5)
     assert torch.equal(test_images, torch.stack([test[i][0] for i in range(20)]))
+
+
+def test_the_search_splits_share_one_copy_of_the_pixels_and_still_give_their_own_batches():
+    """Both splits of the search are subsets of one dataset: their device images are one padded
+    tensor (not a copy each), while each split still yields the loader's batches of its items."""
+    base = _cifar_like()
+    train, val = split_train_val(base, 0.4, seed=1)
+    a, b = DeviceImages(train, torch.device("cpu")), DeviceImages(val, torch.device("cpu"))
+    assert a.pixels.data_ptr() == b.pixels.data_ptr() and a.labels.data_ptr() == b.labels.data_ptr()
+    assert DeviceImages(_cifar_like(), torch.device("cpu")).pixels.data_ptr() != a.pixels.data_ptr()
+    assert pickle.loads(pickle.dumps(train)).base.device_copies == {}  # loader workers get no device copies
+    for split, images in ((train, a), (val, b)):
+        _assert_same_batches(make_loader(split, 16, train=True, seed=5, epoch=2),
+                             make_loader(split, 16, train=True, seed=5, epoch=2, on_device=images))
 
 
 def test_modes_choose_the_device_path_only_where_it_applies(tmp_path):

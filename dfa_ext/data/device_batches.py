@@ -36,6 +36,19 @@ def device_source(dataset: torch.utils.data.Dataset) -> tuple[ImageTensorDataset
     return (dataset, indices) if isinstance(dataset, ImageTensorDataset) else None
 
 
+def _padded_on_device(base: ImageTensorDataset, device: torch.device,
+                      padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``base``'s images zero-padded by ``padding`` on each side (a crop is then a window of the
+    padded image, the flip a reversed window) and its labels, on ``device``: made once per
+    dataset and kept in ``base.device_copies``, which its shallow copies share (the search's two
+    splits are subsets of one dataset: one copy on the device, not two)."""
+    key = (str(device), padding)
+    if key not in base.device_copies:
+        pixels = F.pad(base.images.to(device), (padding, padding, padding, padding))
+        base.device_copies[key] = (pixels, base.labels.to(device))
+    return base.device_copies[key]
+
+
 class DeviceImages:
     """The pixels of ``dataset`` on ``device``, and its preprocessing as batched tensor ops.
 
@@ -44,7 +57,8 @@ class DeviceImages:
         device: where the pixels live and batches are built.
 
     Memory: the images once, as stored (uint8 for mnist/cifar: 3 KiB a CIFAR image), padded by
-    the crop's padding on each side, plus the labels.
+    the crop's padding on each side, plus the labels; shared with every other ``DeviceImages``
+    of the same dataset (e.g. the search's other split).
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, device: torch.device) -> None:
@@ -57,10 +71,7 @@ class DeviceImages:
         self.augment, self.seed = preprocess.augment, preprocess.seed
         self.device = torch.device(device)
         self.padding = self.augment.padding if self.augment is not None else 0
-        pad = self.padding
-        # Padded once: a crop is then a window of the padded image, the flip a reversed window.
-        self.pixels = F.pad(base.images.to(self.device), (pad, pad, pad, pad))
-        self.labels = base.labels.to(self.device)
+        self.pixels, self.labels = _padded_on_device(base, self.device, self.padding)
         self.shape = tuple(base.images.shape[1:])
         self.preprocess = preprocess.to(self.device)
 

@@ -24,6 +24,20 @@ class ImageTensorDataset(PreparedDataset):
                             f"and {tuple(labels.shape)}")
         super().__init__(labels, preprocess)
         self.images = images
+        # Copies of the (padded) images on training devices, made by data.device_batches; a dict
+        # so that shallow copies (each search split holds one) share them with the original.
+        self.device_copies: dict = {}
+
+    def __copy__(self) -> "ImageTensorDataset":
+        # A plain shallow copy, sharing device_copies (not through __getstate__, which drops it).
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __getstate__(self) -> dict:
+        # Loader workers and spawned processes get the images, never the device copies (CUDA
+        # memory of this process).
+        return {**self.__dict__, "device_copies": {}}
 
     def pixels(self, index: int) -> torch.Tensor:
         return self.images[index]
