@@ -158,3 +158,10 @@ def test_search_finds_the_same_beta_with_data_on_the_device(tmp_path):
 
     for on, off in zip(betas("on"), betas("off"), strict=True):
         assert torch.equal(on, off)
+
+
+def test_unknown_mode_is_refused_when_the_config_is_checked():
+    from dfa_ext.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data_on_device must be one of auto, on, off, got 'gpu'"):
+        TeacherConfig(data_on_device="gpu").validate()

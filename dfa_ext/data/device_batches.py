@@ -44,7 +44,9 @@ def _padded_on_device(base: ImageTensorDataset, device: torch.device,
     splits are subsets of one dataset: one copy on the device, not two)."""
     key = (str(device), padding)
     if key not in base.device_copies:
-        pixels = F.pad(base.images.to(device), (padding, padding, padding, padding))
+        pixels = base.images.to(device)
+        if padding:  # (no padding: the images themselves, not a copy of them on the CPU)
+            pixels = F.pad(pixels, (padding, padding, padding, padding))
         base.device_copies[key] = (pixels, base.labels.to(device))
     return base.device_copies[key]
 
@@ -90,9 +92,11 @@ class DeviceImages:
         rows = top[:, None] + torch.arange(height)                       # [B, H]
         cols = left[:, None] + torch.arange(width)                        # [B, W]
         cols = torch.where(flip[:, None], cols.flip(1), cols)
-        index = index.to(self.device)
+        # One host-to-device copy per batch (item, rows, columns side by side), not three.
+        where = torch.cat([index[:, None], rows, cols], dim=1).to(self.device)   # [B, 1 + H + W]
+        index, rows, cols = where[:, 0], where[:, 1:1 + height], where[:, 1 + height:]
         gather = (index[:, None, None, None], torch.arange(channels, device=self.device)[None, :, None, None],
-                  rows.to(self.device)[:, None, :, None], cols.to(self.device)[:, None, None, :])
+                  rows[:, None, :, None], cols[:, None, None, :])
         return self.preprocess.normalise(self.pixels[gather]), self.labels[index]
 
 

@@ -49,6 +49,9 @@ class RunOptions:
             raise ConfigError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.compile not in COMPILE_CHOICES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+        if self.data_on_device not in DATA_ON_DEVICE_CHOICES:
+            raise ConfigError(f"data_on_device must be one of {', '.join(DATA_ON_DEVICE_CHOICES)}, "
+                              f"got {self.data_on_device!r}")
         if self.num_workers < 0 or self.checkpoint_every < 0:
             raise ConfigError("num_workers and checkpoint_every must be >= 0")
         if self.on_nonfinite not in NONFINITE_CHOICES:
