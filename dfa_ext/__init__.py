@@ -22,9 +22,12 @@ def _has_kernel(key: str) -> bool:
 def kernels() -> dict:
     """Which kernels this install has and can run.
 
-    Returns a dict: ``cpu`` (CPU kernels built), ``cuda_compiled`` (CUDA kernels built into the
-    extension) and ``cuda`` (compiled *and* a GPU is visible, so CUDA tensors run fused).
+    Returns a dict: ``cpu`` (CPU kernels built), ``cpu_isa`` (the build of them this process
+    runs: ``"avx2"`` (AVX2 + FMA) or ``"default"`` (baseline x86-64, also under
+    ``ATEN_CPU_CAPABILITY=default``); their float32 results differ in the last bits),
+    ``cuda_compiled`` (CUDA kernels built into the extension) and ``cuda`` (compiled *and* a GPU
+    is visible, so CUDA tensors run fused).
     """
     cuda_compiled = _has_kernel("CUDA")
-    return {"cpu": _has_kernel("CPU"), "cuda_compiled": cuda_compiled,
+    return {"cpu": _has_kernel("CPU"), "cpu_isa": torch.ops.dfa.cpu_kernel_isa(), "cuda_compiled": cuda_compiled,
             "cuda": cuda_compiled and torch.cuda.is_available()}

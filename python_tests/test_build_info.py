@@ -19,8 +19,29 @@ def test_cpu_kernels_present() -> None:
 
 def test_kernels_keys_and_types() -> None:
     info = dfa_ext.kernels()
-    assert set(info) == {"cpu", "cuda_compiled", "cuda"}
-    assert all(isinstance(v, bool) for v in info.values())
+    assert set(info) == {"cpu", "cpu_isa", "cuda_compiled", "cuda"}
+    assert info["cpu_isa"] in ("avx2", "default")
+    assert all(isinstance(v, bool) for k, v in info.items() if k != "cpu_isa")
+
+
+def _cpu_has_avx2_and_fma() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.mark.parametrize("capability", [None, "default", "avx2"])
+def test_cpu_kernel_build_follows_the_cpu_and_aten_cpu_capability(capability) -> None:
+    """The AVX2 build of the CPU kernels runs on a CPU with AVX2 and FMA unless
+    ATEN_CPU_CAPABILITY=default asks for ATen's baseline kernels, which then selects the baseline
+    build here too (so one machine can test what a CPU without AVX2 runs)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    code = "import dfa_ext; print(dfa_ext.kernels()['cpu_isa'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    avx2 = _cpu_has_avx2_and_fma() and sys.platform == "linux" and os.uname().machine == "x86_64"
+    assert result.stdout.split()[-1] == ("avx2" if avx2 and capability != "default" else "default")
 
 
 def test_cuda_means_compiled_and_a_gpu_visible() -> None:

@@ -106,7 +106,8 @@ def test_backward_ops_refuse_double_backward() -> None:
 
 
 def test_every_dfa_op_is_checked() -> None:
-    """Every operator of the dfa namespace appears in OPS (a new op must get an opcheck)."""
+    """Every tensor operator of the dfa namespace appears in OPS (a new op must get an opcheck);
+    ``cpu_kernel_isa`` only reports build information (test_build_info checks it)."""
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("dfa::")}
-    assert registered == set(OPS)
+    assert registered == set(OPS) | {"cpu_kernel_isa"}
