@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
 
 from dfa_ext.data import Augment, DataBundle, DataSpec, available_datasets, dataset_options, load_data
-from dfa_ext.data.loader import batch_stream
+from dfa_ext.data.loader import batch_stream, make_loader
 from dfa_ext.data.split import split_train_val
 from dfa_ext.data.transforms import crop_padded, sample_generator
 from dfa_ext.errors import DataError, DatasetNotFoundError
+from rounding import default_dtype
 
 
 def denormalise(image: torch.Tensor, spec: DataSpec) -> torch.Tensor:
@@ -101,6 +102,9 @@ def test_mnist_split_is_fixed_disjoint_and_independent_of_seed(mnist):
 
 
 def test_mnist_training_split_is_normalised(mnist):
+    # float32 images (x * scale + shift: 2 roundings of values < 3, i.e. < 4e-7 each) averaged in
+    # float64: mean and std within ~1e-6 of 0 and 1 on any CPU; 1e-5 is 10x that, a wrong
+    # normalisation constant is > 1e-3 off.
     images = items(mnist.train, range(len(mnist.train))).double()
     assert abs(images.mean().item()) < 1e-5
     assert abs(images.std(correction=0).item() - 1) < 1e-5
@@ -134,6 +138,8 @@ def test_mnist_image_size_averages_pixel_blocks(mnist):
     for index in (0, 1234, 3999):
         want = torch.nn.functional.avg_pool2d(mnist.train.images[index].double() / 255, 2)
         got = denormalise(small.train[index][0], small.spec) / 255
+        # float32 area resize and normalisation: a few roundings of values in [0, 3], < 1e-6; a
+        # pixel block averaged wrongly is >= 1 / (4 * 255) = 1e-3 off
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     for bad in (2, 29, 14.0, True):
         with pytest.raises(DataError, match="image_size"):
@@ -419,6 +425,7 @@ def test_image_folder_classes_items_and_stats(tmp_path):
     # mean/std estimated from the (fewer than 512) training images: the normalised set is standard
     plain = load_data("imagefolder", tmp_path, image_size=12, augment=False).train
     values = items(plain, range(len(plain))).transpose(0, 1).flatten(1).double()
+    # as for mnist: float32 normalisation (< 1e-6 per value), statistics in float64
     torch.testing.assert_close(values.mean(1), torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(values.std(1, correction=0), torch.ones(3, dtype=torch.float64),
                                atol=1e-5, rtol=0)
@@ -433,6 +440,8 @@ def test_image_folder_resizes_to_a_centre_square(tmp_path):
     assert image.shape == (3, 8, 8) and bundle.spec.image_size == 8
     source = Image.open(bundle.test.paths[0]).convert("RGB")
     expected = TF.pil_to_tensor(TF.center_crop(TF.resize(source, 8), 8))
+    # on the 0..255 scale: float32 normalisation and back, a few roundings of 255 * 6e-8 = 1.5e-5;
+    # a pixel off by one is 1 away
     torch.testing.assert_close(denormalise(image, bundle.spec), expected.double(), atol=1e-3, rtol=0)
 
 
@@ -471,3 +480,18 @@ def test_image_folder_errors(tmp_path):
     test = load_data("imagefolder", tmp_path).test
     with pytest.raises(DataError, match=str(broken)):
         test[test.paths.index(str(broken))]
+
+
+def test_images_follow_the_default_dtype_of_when_the_data_was_loaded():
+    """torch.set_default_dtype(torch.float64) trains in double precision (networks, data and ops
+    follow it): the images are normalised into the default dtype of when the data was loaded, also
+    in loader worker processes (which do not inherit the setting), and equal the float32 images to
+    float32 rounding (two roundings of values < 3: within assert_close's float32 tolerance)."""
+    f32 = load_data("digits", augment=False)
+    with default_dtype(torch.float64):
+        f64 = load_data("digits", augment=False)
+    (image32, _), (image64, _) = f32.train[5], f64.train[5]
+    assert image32.dtype == torch.float32 and image64.dtype == torch.float64
+    torch.testing.assert_close(image64.float(), image32)
+    images, _ = next(iter(make_loader(f64.train, 8, train=True, seed=0, num_workers=1)))
+    assert images.dtype == torch.float64 and torch.get_default_dtype() == torch.float32

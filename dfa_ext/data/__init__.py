@@ -1,7 +1,8 @@
 """Datasets and loaders: ``load_data(name, data_dir)`` -> ``DataBundle(train, test, spec)``.
 
-Items are ``(normalised float32 [C, H, W] image, int label)``. Training augmentation is drawn per
-sample from (seed, epoch, index), so it does not depend on workers, ranks or resumes.
+Items are ``(normalised [C, H, W] image, int label)``, the image in torch's default dtype when the data
+was loaded (float32 unless set otherwise). Training augmentation is drawn per sample from
+(seed, epoch, index), so it does not depend on workers, ranks or resumes.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ class DeviceImages:
 
     def batch(self, items: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Items ``items`` (int64 [B], positions in the dataset given at construction) of epoch
-        ``epoch``: normalised float32 images [B, C, H, W] and int64 labels [B] on the device."""
+        ``epoch``: normalised images [B, C, H, W] (in the dataset's dtype) and int64 labels [B] on the
+        device."""
         index = items if self.indices is None else self.indices[items]
         channels, height, width = self.shape
         top = torch.full((len(index),), self.padding, dtype=torch.int64)

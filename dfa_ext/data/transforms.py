@@ -94,26 +94,32 @@ class Preprocess:
                  seed: int = 0) -> None:
         mean_t = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
+        # The images come in torch's default dtype when the data is loaded (float32 unless the
+        # caller set another with torch.set_default_dtype: float64 trains everything in double
+        # precision, as the networks are created in that dtype too). Fixed here, so that loader
+        # worker processes, which do not inherit the setting, produce the same.
+        self.dtype = torch.get_default_dtype()
         # (x - mean) / std as one multiply-add: x * scale + shift (scale also undoes the 0..255
         # range of uint8 pixels, which are augmented before conversion: a quarter of the bytes).
-        self.scale = (1 / std_t).float()
-        self.scale_uint8 = (1 / (255 * std_t)).float()
-        self.shift = (-mean_t / std_t).float()
+        self.scale = (1 / std_t).to(self.dtype)
+        self.scale_uint8 = (1 / (255 * std_t)).to(self.dtype)
+        self.shift = (-mean_t / std_t).to(self.dtype)
         self.augment = augment if augment is not None and augment.active else None
         self.seed = int(seed)
 
     def __call__(self, image: torch.Tensor, index: int, epoch: int) -> torch.Tensor:
-        """``image`` [C, H, W], uint8 (0..255) or float in [0, 1] -> normalised float32 [C, H, W].
+        """``image`` [C, H, W], uint8 (0..255) or float in [0, 1] -> normalised [C, H, W] in
+        ``self.dtype`` (float32 by default).
         The crop's zero padding is black on both scales."""
         if self.augment is not None:
             image = self.augment(image, sample_generator(self.seed, epoch, index))
         return self.normalise(image)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` [..., C, H, W] (uint8 0..255, or float in [0, 1]) -> normalised float32, on
-        the device of this object's tensors (see :meth:`to`)."""
+        """``images`` [..., C, H, W] (uint8 0..255, or float in [0, 1]) -> normalised, in
+        ``self.dtype``, on the device of this object's tensors (see :meth:`to`)."""
         scale = self.scale_uint8 if images.dtype == torch.uint8 else self.scale
-        return torch.addcmul(self.shift, images.to(torch.float32), scale)
+        return torch.addcmul(self.shift, images.to(self.dtype), scale)
 
     def to(self, device: torch.device) -> "Preprocess":
         """A copy whose normalisation runs on ``device`` (the augmentation draws stay on the CPU)."""
