@@ -12,6 +12,8 @@ import dfa_ext  # noqa: F401  (registers torch.ops.dfa.* before any test module 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "compile: compiles with torch.compile (inductor); the slowest tests")
+    config.addinivalue_line("markers", "rounding: compares float results within a derived or calibrated bound "
+                            "(rounding.py); make test runs these once more with a lesser CPU's kernels")
 
 
 @pytest.fixture

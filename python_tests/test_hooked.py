@@ -11,7 +11,7 @@ from torchvision.models.resnet import Bottleneck
 
 from dfa_ext.errors import ModelError
 from dfa_ext.models import HookedNetwork, TapOutput, create
-from dfa_helpers import randomize_bn
+from dfa_helpers import F64, randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,19 +77,19 @@ def test_default_layout_of_torchvision_resnets(resnet18, resnet50):
 @pytest.mark.parametrize("which", ["resnet18", "resnet50"])
 def test_features_survive_the_in_place_relu(which, request):
     net = request.getfixturevalue(which)
-    copy_net = copy.deepcopy(net)  # the module-scoped fixture must not keep the extra hooks
+    # float64 (F64): the same modules on the same inputs, the ReLU applied otherwise
+    copy_net = copy.deepcopy(net).double()  # the module-scoped fixture must not keep the extra hooks
     with torch.no_grad():  # a first forward teaches the hooks how often each block calls relu;
-        copy_net(_image(seed=1), features=True)  # the checked one below clones at the last call only
+        copy_net(_image(seed=1).double(), features=True)  # the checked one below clones at the last call only
     inputs = _block_inputs(copy_net)
-    x = _image()
+    x = _image().double()
     with torch.no_grad():
         out = copy_net(x, features=True)
         for group in out.groups:
             for name, t in zip(group.names, group.layers):
                 block = copy_net.model.get_submodule(name)
                 # the last ReLU call's input: bn3/bn2 + shortcut, not an earlier ReLU's input
-                torch.testing.assert_close(t, _manual_block(block, inputs[name]),
-                                           rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(t, _manual_block(block, inputs[name]), **F64)
                 assert t._version == 0
                 assert (t < 0).any(), f"{name} is not pre-ReLU"
         # the block outputs themselves are the ReLU of the features

@@ -15,6 +15,8 @@ from dfa_helpers import (F64, LAYOUTS, MARGIN_OPS, OP_MARGINS, OPS, Inputs, call
 
 SHAPE_OF = {layout: (2, 3, 3, 4, 5) if layout == "channels_last_3d" else (2, 3, 5, 7) for layout in LAYOUTS}
 
+pytestmark = pytest.mark.rounding  # float bounds that must hold on any CPU (rounding.py)
+
 
 def _cases():
     for layout, (name, margins) in itertools.product(SHAPE_OF, OP_MARGINS):

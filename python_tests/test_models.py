@@ -16,7 +16,7 @@ from torch import nn
 
 from dfa_ext.errors import ModelError
 from dfa_ext.models import CifarResNet, TapOutput, WideResNet, available_models, create
-from dfa_helpers import randomize_bn
+from dfa_helpers import F64, randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,18 +170,21 @@ def _reference_wrn(model: WideResNet, x):
 
 @pytest.mark.parametrize("name", ["resnet8", "resnet14", "resnet8x4", "wrn_16_1", "wrn_16_2"])
 def test_features_match_an_independent_reference(name):
+    """In float64 (F64: the same convolutions, BatchNorms applied in another way; a float32
+    comparison would hold one CPU's rounding through 16 layers)."""
     model = create(name).eval()
     randomize_bn(model)
-    x = _image()
+    model.double()
+    x = _image().double()
     reference = _reference_resnet if isinstance(model, CifarResNet) else _reference_wrn
     with torch.no_grad():
         out = model(x, features=True)
         ref_logits, ref_groups = reference(model, x)
-    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, ref_logits, **F64)
     for group, ref in zip(out.groups, ref_groups):
         assert len(group.layers) == len(ref)
         for t, r in zip(group.layers, ref):
-            torch.testing.assert_close(t, r, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(t, r, **F64)
 
 
 @pytest.mark.parametrize("name", ["resnet14", "wrn_16_1", "wrn_16_2"])
@@ -219,7 +222,7 @@ def test_resnet_bns_are_bn2_and_produce_the_feature(name):
             assert bn is b.bn2
             a = seen[b]
             shortcut = a if b.downsample is None else b.downsample(a)
-            torch.testing.assert_close(t, seen[bn] + shortcut, rtol=0, atol=1e-6)
+            assert torch.equal(t, seen[bn] + shortcut)  # the same float32 operations on the same values
 
 
 @pytest.mark.parametrize("name", ["wrn_16_1", "wrn_28_2"])

@@ -298,4 +298,8 @@ def test_a_narrow_resnet_gets_right_gradients_in_the_default_layout():
 
     done = subprocess.run([sys.executable, "-c", _NARROW_STEP], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.split()[-1]) < 1e-4
+    # float32 gradients vs float64, relative to each tensor's largest entry: sums of <= 25088 terms
+    # (batch x 28 x 28) round to ~3 sqrt(n) u = 3e-5 of their terms with high probability
+    # (rounding.F64's analysis), < 3e-3 even where terms cancel 100-fold; oneDNN's channels_last
+    # bug is 1.2 away (120x the bound).
+    assert float(done.stdout.split()[-1]) < 1e-2
