@@ -121,6 +121,22 @@ def run_fit(config: TeacherConfig, task: ClassifierTask, on_step=None):
                on_step=on_step)
 
 
+def run_recording_weights(config: TeacherConfig, task: ClassifierTask):
+    """Runs ``task``; returns the result, ``same(a, b)`` (whether the weights after steps a and b
+    are equal) and the weights after every step."""
+    weights = {}
+
+    def record(step):
+        weights[step] = [p.detach().clone() for p in task.classifier.parameters()]
+
+    result = run_fit(config, task, on_step=record)
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(weights[a], weights[b]))
+
+    return result, same, weights
+
+
 def test_a_diverged_run_stops_and_its_checkpoint_keeps_the_last_finite_state(tmp_path):
     config = tiny(tmp_path, checkpoint_every=5)
     with pytest.raises(TrainingDiverged, match="at step 13: non-finite ce") as error:
@@ -134,16 +150,7 @@ def test_a_diverged_run_stops_and_its_checkpoint_keeps_the_last_finite_state(tmp
 
 def test_skip_drops_exactly_the_bad_steps_and_counts_them(tmp_path):
     config = tiny(tmp_path, on_nonfinite="skip")
-    task = PoisonedTask(config, {7, 8})
-    weights = {}
-
-    def record(step):
-        weights[step] = [p.detach().clone() for p in task.classifier.parameters()]
-
-    result = run_fit(config, task, on_step=record)
-
-    def same(a, b):
-        return all(torch.equal(x, y) for x, y in zip(weights[a], weights[b]))
+    result, same, _ = run_recording_weights(config, PoisonedTask(config, {7, 8}))
 
     assert same(6, 7) and same(7, 8) and not same(8, 9) and not same(5, 6)
     header, values = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
@@ -225,3 +232,58 @@ def test_distill_and_demo_stop_on_divergence_with_status_3(tmp_path, capsys):
                      "--data-options", *common]) == 3  # no data options: the preset's are for mnist
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("dfa: error: training diverged at step ") for line in err)
+
+
+# ---- a finite loss with a non-finite gradient ---------------------------------------------------
+
+class PoisonedGradientTask(PoisonedTask):
+    """A classifier whose loss stays finite at every step, but whose gradient of one weight (the
+    first convolution's) is NaN at the chosen (1-based) training steps: only the gradient norm
+    the guard observes can tell."""
+
+    def __init__(self, config: TeacherConfig, poisoned: set[int]) -> None:
+        super().__init__(config, set())  # the loss is never poisoned
+        self.gradient_poisoned = poisoned
+        first = next(self.classifier.parameters())
+        first.register_hook(lambda grad: grad * math.nan if self.calls in self.gradient_poisoned else grad)
+
+    def forward(self, images, labels):
+        logits, losses = super().forward(images, labels)
+        if self.calls in self.gradient_poisoned:  # the loss of that step alone cannot tell
+            assert all(torch.isfinite(v).all() for v in losses.values())
+        return logits, losses
+
+
+def test_stop_mode_stops_at_the_step_of_a_non_finite_gradient_under_a_finite_loss(tmp_path):
+    """Exists for a guard that does not observe the gradient norm: a finite loss with a NaN
+    gradient would then apply a NaN update, and the run would only stop a step later on the NaN
+    loss that update causes (``at step 14: non-finite ce``). Checked to fail with that bug planted
+    (``"gradient norm": norm`` dropped from the terms the loop hands ``nonfinite.observe`` in
+    dfa_ext/training/loop.py; also ``allow(None)`` for ``allow(norm)`` in optim_step.py)."""
+    config = tiny(tmp_path, checkpoint_every=5)
+    with pytest.raises(TrainingDiverged, match=r"at step 13: non-finite gradient norm \(learning rate") as error:
+        run_fit(config, PoisonedGradientTask(config, {13}))
+    assert f"{tmp_path / 'run' / 'last.pt'} holds the state after step 10" in str(error.value)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["model"]["state_dict"].values() if v.is_floating_point())
+
+
+def test_skip_mode_drops_exactly_the_update_of_a_non_finite_gradient_under_a_finite_loss(tmp_path):
+    """Exists for a guard that does not observe the gradient norm: in skip mode the NaN update of
+    step 9 would then be applied, and the run would stop three steps later (the NaN losses it
+    causes, three in a row). Checked to fail with that bug planted (``"gradient norm": norm``
+    dropped from the terms the loop hands ``nonfinite.observe`` in dfa_ext/training/loop.py; also
+    ``allow(None)`` for ``allow(norm)`` in optim_step.py)."""
+    config = tiny(tmp_path, on_nonfinite="skip", max_consecutive_skips=3)
+    result, same, weights = run_recording_weights(config, PoisonedGradientTask(config, {9}))
+
+    assert same(8, 9)  # step 9's update dropped ...
+    assert not same(7, 8) and not same(9, 10)  # ... and only that one
+    assert all(torch.isfinite(w).all() for w in weights[max(weights)])
+    assert max(weights) == 22  # the run finished its epoch
+    metrics = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))[-1]
+    assert float(metrics["skipped_steps"]) == 1.0 and math.isfinite(float(metrics["train_ce"]))
+    state = load_checkpoint(result.last_path)
+    assert state["nonfinite"] == {"skipped": 1, "run": 0}
+    assert all(torch.isfinite(v).all() for v in state["model"]["state_dict"].values() if v.is_floating_point())

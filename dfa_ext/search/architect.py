@@ -120,7 +120,10 @@ class Architect:
             grads = self._grad(self._loss(val, group, beta, train=False), [beta, *params])
         d_beta, v = grads[0], grads[1:]
         self.dist.average_(v)  # the same v (and eps) everywhere; d_beta is averaged in step()
-        eps = self.fd_radius / torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
+        norm = torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
+        if norm == 0:  # the validation loss does not depend on w (e.g. gamma_st = 0): no unrolled term
+            return d_beta
+        eps = self.fd_radius / norm
         shifted = []
         for sign in (1.0, -1.0):
             with self._weights_at([p + sign * eps * vi for p, vi in zip(w, v)]):

@@ -102,6 +102,8 @@ class SearchConfig(RunOptions, DataOptions):
         if len(self.arch_betas) != 2 or not all(0 <= b < 1 for b in self.arch_betas):
             raise ConfigError(f"arch_betas must be two numbers in [0, 1), got {list(self.arch_betas)}")
         for name in ("gamma_st", "gamma_ts", "gamma_fd", "arch_lr", "arch_weight_decay", "lr", "lr_min",
-                     "momentum", "weight_decay", "beta_init_std", "fd_radius"):
+                     "momentum", "weight_decay", "beta_init_std"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.fd_radius > 0:  # the finite difference divides by it
+            raise ConfigError(f"fd_radius must be > 0, got {self.fd_radius}")
