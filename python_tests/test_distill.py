@@ -424,13 +424,19 @@ def _weights(path):
     return load_checkpoint(path)["model"]["state_dict"]
 
 
-def _test_top1(checkpoint, data) -> float:
-    """Test top-1 (%) of a checkpoint's network, evaluated here without the trainer's code."""
+def _assert_test_top1(checkpoint, data, reported: float) -> None:
+    """The test top-1 (%) a trainer reported is its checkpoint's, evaluated here without the
+    trainer's code. The trainer evaluates in batches in its own layout, this in one batch: logits
+    may differ by float32 rounding (a few u of their size, far below 1e-4 of it), so a digit whose
+    two largest logits lie that close may be counted differently (none, as a rule)."""
     images = torch.stack([image for image, _ in data.test])
     labels = torch.tensor([int(label) for _, label in data.test])
     with torch.no_grad():
         logits = model_from_checkpoint(checkpoint).eval()(images)
-    return 100.0 * (logits.argmax(1) == labels).double().mean().item()
+    top = logits.topk(2, 1).values
+    ties = int(((top[:, 0] - top[:, 1]) <= 1e-4 * top.abs().amax(1)).sum())
+    mine = 100.0 * (logits.argmax(1) == labels).double().mean().item()
+    assert abs(mine - reported) <= 100.0 * ties / len(labels) + 1e-9, (mine, reported, ties)
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -457,8 +463,8 @@ def test_every_method_trains_a_student_and_writes_its_files(tmp_path, teacher_ch
     # The numbers reported are those of the saved weights, evaluated here independently.
     test_top1 = [float(row["test_top1"]) for row in rows]
     assert (result.last_top1, result.best_top1) == (test_top1[-1], max(test_top1))
-    assert _test_top1(out / "last.pt", digits) == pytest.approx(result.last_top1, abs=1e-9)
-    assert _test_top1(out / "best.pt", digits) == pytest.approx(result.best_top1, abs=1e-9)
+    _assert_test_top1(out / "last.pt", digits, result.last_top1)
+    _assert_test_top1(out / "best.pt", digits, result.best_top1)
     # 359 test digits: guessing scores 10 +- 1.6 %; every method reaches 94-95 % after 2 epochs
     # here, so 80 % leaves room for platform differences and still fails a student that did not learn.
     assert result.last_top1 > 80.0
@@ -704,7 +710,7 @@ def test_vanilla_needs_no_teacher(tmp_path, digits):
     state = load_checkpoint(tmp_path / "v" / "last.pt", kind="distill")
     assert state["signature"]["teacher"] == {} and state["distiller"] == {}  # no teacher, nothing beside the student
     assert (tmp_path / "v" / "metrics.csv").read_text().startswith("epoch,train_ce,train_top1,")
-    assert _test_top1(tmp_path / "v" / "last.pt", digits) == pytest.approx(result.last_top1, abs=1e-9)
+    _assert_test_top1(tmp_path / "v" / "last.pt", digits, result.last_top1)
     # one epoch: 94 % (a student that is never updated: 11 %); see test_every_method_trains_a_student...
     assert result.last_top1 > 80.0
 

@@ -90,9 +90,15 @@ def test_evaluate_prints_the_numbers_of_the_checkpoint(demo, capsys):
     with torch.no_grad():
         logits = model(images)
     assert printed["data"] == "mnist" and printed["samples"] == 4000 and printed["kind"] == "distill"
-    assert printed["top1"] == pytest.approx(100.0 * (logits.argmax(1) == labels).double().mean().item())
-    assert printed["top5"] == pytest.approx(
-        100.0 * (logits.topk(5, 1).indices == labels[:, None]).any(1).double().mean().item())
+    # The command evaluates in batches of 512 in the layout of its choice, this test in one batch:
+    # the logits may differ by float32 rounding (a few u of their size, far below 1e-4 of it), so a
+    # sample whose k-th and (k+1)-th logits lie that close may be counted differently (none here,
+    # as a rule); the loss, a float32 mean of 4000 positive terms either way, within 1e-5 (~170 u).
+    top = logits.topk(6, 1).values
+    for k, key in ((1, "top1"), (5, "top5")):
+        ties = int(((top[:, k - 1] - top[:, k]) <= 1e-4 * top.abs().amax(1)).sum())
+        mine = 100.0 * (logits.topk(k, 1).indices == labels[:, None]).any(1).double().mean().item()
+        assert abs(printed[key] - mine) <= 100.0 * ties / len(labels) + 1e-9, (key, printed[key], mine, ties)
     assert printed["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
     assert dfa_main(["evaluate", str(out / "teacher" / "last.pt")]) == 0
     assert "top-1" in capsys.readouterr().out
