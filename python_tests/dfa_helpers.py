@@ -25,7 +25,6 @@ STUDENT_OPS: Tuple[str, ...] = ("bridge_st_loss", "partial_l2")  # the ops that 
 LAYOUTS: Tuple[str, ...] = ("contiguous", "channels_last", "channels_last_3d", "sliced", "permuted")
 
 
-
 def margin_options(name: str) -> Tuple[bool, ...]:
     """(False, True) for the ops that take margins, (False,) for bridge_st_loss."""
     return (False, True) if name in MARGIN_OPS else (False,)
@@ -175,13 +174,14 @@ def check_against_reference(name: str, inp: Inputs, **tol) -> None:
         assert_close_to_reference(g, rg, **tol)
 
 
-def float64_copy(inp: Inputs) -> Inputs:
-    """The same values (float32 -> float64 is exact) as fresh float64 leaves with the same flags."""
+def inputs_in(inp: Inputs, dtype: torch.dtype = torch.float64) -> Inputs:
+    """The same values in ``dtype`` (exact when widening: 16-bit -> float32 -> float64), as fresh
+    leaves with the same requires_grad flags."""
     def up(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().double().requires_grad_(t.requires_grad)
+        return t.detach().to(dtype).requires_grad_(t.requires_grad)
 
     return Inputs(up(inp.student), [up(f) for f in inp.features], up(inp.beta),
-                  None if inp.margins is None else inp.margins.double())
+                  None if inp.margins is None else inp.margins.to(dtype))
 
 
 def check_float32_against_reference(name: str, inp: Inputs, scale: float = FLOAT32_TINY) -> None:
@@ -192,7 +192,7 @@ def check_float32_against_reference(name: str, inp: Inputs, scale: float = FLOAT
     out, grads = value_and_grads(ops, name, inp)
     upstream = upstream_like(out)
     ref_out, ref_grads = value_and_grads(reference, name, inp, upstream=upstream)
-    exact_out, exact_grads = value_and_grads(reference, name, float64_copy(inp), upstream=upstream.double())
+    exact_out, exact_grads = value_and_grads(reference, name, inputs_in(inp), upstream=upstream.double())
     assert out.dtype == ref_out.dtype == torch.float32 and len(grads) == len(ref_grads) == len(exact_grads)
     names = ["output"] + [f"gradient {i}" for i in range(len(grads))]
     assert_rounding_like_control([out, *grads], [ref_out, *ref_grads], [exact_out, *exact_grads], names, scale=scale)

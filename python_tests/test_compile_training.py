@@ -83,7 +83,7 @@ def test_compiled_step_gives_the_eager_losses_and_gradients():
         assert losses.keys() == compiled_losses.keys() == exact_losses.keys()
         grads = torch.autograd.grad(sum(losses.values()), list(eager.trainable_parameters()))
         compiled_grads = torch.autograd.grad(sum(compiled_losses.values()), list(compiled.trainable_parameters()))
-        names = [f"loss {k}" for k in losses] + [f"d/d{k}" for k, _ in eager.named_parameters() if _.requires_grad]
+        names = [f"loss {k}" for k in losses] + [f"d/d{k}" for k, p in eager.named_parameters() if p.requires_grad]
         assert_rounding_like_control([*compiled_losses.values(), *compiled_grads], [*losses.values(), *grads],
                                      [*exact_losses.values(), *exact_grads], names)
 

@@ -26,8 +26,8 @@ import torch
 import dfa_ext
 from dfa_ext import ops, reference
 from dfa_helpers import (F64, LAYOUTS, MARGIN_OPS, OP_MARGINS, OPS, STUDENT_OPS, Inputs, assert_close_to_reference,
-                         away_from_kinks, call, check_against_reference, check_autocast_gradients, float64_copy,
-                         grad_leaves, make_inputs, memory_layout_of, op_id, seed_of, upstream_like, value_and_grads)
+                         away_from_kinks, call, check_against_reference, check_autocast_gradients, grad_leaves,
+                         inputs_in, make_inputs, memory_layout_of, op_id, seed_of, upstream_like, value_and_grads)
 from rounding import assert_rounding_like_control
 # The CPU tests' cases and helpers, reused so both devices run the same checks.
 from test_compile import _objective
@@ -293,7 +293,7 @@ def test_float32_cuda_matches_cpu(name: str, margins: bool, shape, layout: str) 
     out_cpu, grads_cpu = value_and_grads(ops, name, cpu)
     out_gpu, grads_gpu = value_and_grads(ops, name, gpu)
     upstream = upstream_like(out_cpu).double()
-    out_exact, grads_exact = value_and_grads(ops, name, float64_copy(cpu), upstream=upstream)
+    out_exact, grads_exact = value_and_grads(ops, name, inputs_in(cpu), upstream=upstream)
     for a, e in zip((out_gpu, *grads_gpu), (out_cpu, *grads_cpu)):
         assert a.device.type == "cuda" and a.dtype == e.dtype and a.shape == e.shape and a.stride() == e.stride()
     names = ["output"] + [f"gradient {i}" for i in range(len(grads_cpu))]

@@ -12,7 +12,7 @@ import torch
 from dfa_ext.cli import main as dfa_main
 from dfa_ext.errors import TrainingDiverged
 from dfa_ext.search import Architect, run_search
-from dfa_ext.training import TeacherConfig, load_checkpoint, train_teacher
+from dfa_ext.training import TeacherConfig, load_checkpoint
 from dfa_ext.training.finite import FiniteGuard
 from dfa_ext.training.loop import fit
 from dfa_ext.training.teacher import ClassifierTask

@@ -39,8 +39,8 @@ import pytest
 import torch
 
 from dfa_ext import ops, reference
-from dfa_helpers import (MARGIN_OPS, OP_MARGINS, OPS, Inputs, call, grad_leaves, make_inputs, op_id, seed_of,
-                         to_layout, upstream_like)
+from dfa_helpers import (MARGIN_OPS, OP_MARGINS, OPS, Inputs, call, grad_leaves, inputs_in, make_inputs, op_id,
+                         seed_of, to_layout, upstream_like)
 
 CHUNK = 16384  # kChunk in csrc/cpu/map_job.h: elements per work item (one chunk of one sample)
 BLOCK = 512  # kBlock in csrc/cpu/map_job.h: elements staged at a time
@@ -59,15 +59,6 @@ def test_shape_spans_chunks_and_a_ragged_tail() -> None:
     """The premise of this module: several chunks per sample, a partial last chunk and block."""
     assert N > 2 * CHUNK and N % CHUNK % BLOCK != 0 and N % CHUNK % 32 != 0
     assert (SHAPE[2] * SHAPE[3]) % CHUNK != 0 and CHUNK % (SHAPE[2] * SHAPE[3]) != 0  # channels straddle chunks
-
-
-def _float64_copy(inp: Inputs) -> Inputs:
-    """The same values (float32 -> float64 is exact) as fresh float64 leaves with the same flags."""
-    def up(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().double().requires_grad_(t.requires_grad)
-
-    return Inputs(up(inp.student), [up(f) for f in inp.features], up(inp.beta),
-                  None if inp.margins is None else inp.margins.double())
 
 
 def _value_and_grads(impl, name: str, inp: Inputs, upstream: torch.Tensor) -> List[torch.Tensor]:
@@ -89,7 +80,7 @@ def check_float32_against_float64_reference(name: str, inp: Inputs, ref_inp: Opt
     out = call(ops, name, inp)
     upstream = upstream_like(out) if upstream is None else upstream
     fused = _value_and_grads(ops, name, inp, upstream)
-    expected = _value_and_grads(reference, name, _float64_copy(inp) if ref_inp is None else ref_inp, upstream)
+    expected = _value_and_grads(reference, name, inputs_in(inp) if ref_inp is None else ref_inp, upstream)
     assert len(fused) == len(expected)
     for what, actual, exp in zip(_labels(name, inp), fused, expected):
         assert actual.dtype == torch.float32, (what, actual.dtype)
@@ -163,7 +154,7 @@ def _perturbed(inp: Inputs, where: str) -> Inputs:
     by 1e-3.  The element is the first one of the last (ragged) block of the last sample where the
     change enters the result: a map element above its margin, a student element inside the partial
     L2 mask."""
-    ref = _float64_copy(inp)
+    ref = inputs_in(inp)
     with torch.no_grad():
         if where == "beta":
             ref.beta[0] += 1e-3

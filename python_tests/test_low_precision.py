@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from dfa_ext import ops, reference
-from dfa_helpers import (OP_MARGINS, Inputs, call, check_autocast_gradients, grad_leaves, make_inputs, op_id, seed_of,
-                         upstream_like)
+from dfa_helpers import (OP_MARGINS, Inputs, call, check_autocast_gradients, grad_leaves, inputs_in, make_inputs, op_id,
+                         seed_of, upstream_like)
 from rounding import assert_rounding_like_control
 
 HALF_TOL: Dict[torch.dtype, Dict[str, float]] = {
@@ -42,19 +42,9 @@ HALF_TOL: Dict[torch.dtype, Dict[str, float]] = {
 pytestmark = pytest.mark.rounding  # float bounds that must hold on any CPU (rounding.py)
 
 
-def _upcast(inp: Inputs, dtype: torch.dtype = torch.float32) -> Inputs:
-    """The same values in ``dtype`` (exact: 16-bit values are float32 and float64 values), as fresh
-    leaves with the same requires_grad flags."""
-    def up(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(dtype).requires_grad_(t.requires_grad)
-
-    return Inputs(up(inp.student), [up(f) for f in inp.features], up(inp.beta),
-                  None if inp.margins is None else inp.margins.to(dtype))
-
-
 def _reference(name: str, inp: Inputs, upstream: torch.Tensor, dtype: torch.dtype) -> List[torch.Tensor]:
     """The reference's output and gradients on ``inp``'s values in ``dtype``."""
-    ref_inp = _upcast(inp, dtype)
+    ref_inp = inputs_in(inp, dtype)
     out = call(reference, name, ref_inp)
     return [out, *torch.autograd.grad(out, grad_leaves(name, ref_inp), upstream.to(dtype))]
 

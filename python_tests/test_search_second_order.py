@@ -183,3 +183,6 @@ def test_a_finite_difference_radius_that_is_not_positive_is_refused(radius: floa
     """fd_radius = 0 divided the difference by 2 eps = 0 (a NaN gradient, silently)."""
     with pytest.raises(ConfigError, match=f"fd_radius must be > 0, got {radius}"):
         SearchConfig(teacher="teacher.pt", fd_radius=radius).validate()
+    net, betas, *_ = _problem(1.0)
+    with pytest.raises(ValueError, match=f"fd_radius must be > 0, got {radius}"):  # the Python API too
+        Architect(net, betas, second_order=True, fd_radius=radius)

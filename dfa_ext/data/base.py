@@ -9,8 +9,8 @@ from .transforms import Preprocess
 
 
 class PreparedDataset(Dataset):
-    """A dataset whose items are ``(normalised [C, H, W] image, int label)``, the image float32
-    (torch's default dtype when the data was loaded).
+    """A dataset whose items are ``(normalised [C, H, W] image, int label)``, the image in
+    torch's default dtype when the data was loaded (float32 unless set otherwise).
 
     Subclasses give the raw pixels of an item (``pixels``); this class applies ``preprocess``
     with the item's index and the current epoch, so augmentation is a function of

@@ -31,9 +31,10 @@ class DataSpec:
 class DataBundle:
     """The two splits of a dataset and its spec.
 
-    Items of both splits are ``(image, label)``: a normalised ``[C, H, W]`` tensor (float32:
-    torch's default dtype) and an int. Both datasets have ``labels`` (int64 ``[N]``) and
-    ``set_epoch(epoch)``; only ``train`` is augmented (when asked for), ``test`` never is.
+    Items of both splits are ``(image, label)``: a normalised ``[C, H, W]`` tensor (in torch's
+    default dtype when loaded: float32 unless set otherwise) and an int. Both datasets have
+    ``labels`` (int64 ``[N]``) and ``set_epoch(epoch)``; only ``train`` is augmented (when asked
+    for), ``test`` never is.
     """
 
     train: Dataset

@@ -50,6 +50,8 @@ class Architect:
                  adam_betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-3,
                  second_order: bool = False, fd_radius: float = 0.01, grad_clip: float | None = None,
                  autocast: contextlib.AbstractContextManager | None = None, dist: DistContext | None = None) -> None:
+        if not fd_radius > 0:  # the finite difference divides by it
+            raise ValueError(f"fd_radius must be > 0, got {fd_radius}")
         self.net, self.betas, self.second_order, self.fd_radius = net, betas, second_order, fd_radius
         self.grad_clip = grad_clip
         # One optimiser per group: Adam's weight decay must not move the groups not being searched.
