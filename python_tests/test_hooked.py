@@ -218,15 +218,174 @@ def _check_three_calls(net, toy, x):
             assert torch.equal(net.forward_from(g, inp), out.logits)
 
 
-def test_blocks_without_relu_fall_back_to_their_output():
+def test_tap_output_true_taps_the_block_output():
+    # trap: a block without `relu` used to fall back to its output silently; now only on request
     net = HookedNetwork(Toy([NoRelu(), NoRelu()]), [["blocks.0"], ["blocks.1"]],
-                        stages=["blocks.0", "blocks.1"], head=_toy_head)
+                        stages=["blocks.0", "blocks.1"], head=_toy_head, tap_output=True)
     assert isinstance(net.group_input_activation, nn.Identity)
     x = _image((2, 4, 4))
     out = net(x, features=True)
     torch.testing.assert_close(out.groups[0].last, net.model.blocks[0](x))
     assert out.groups[0].bns == (None,)
     assert torch.equal(net.forward_from(1, out.groups[0].last), out.logits)
+
+
+class FunctionalRelu(nn.Module):
+    """Ends in F.relu: its output is post-activation and it has no module to hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return torch.nn.functional.relu(self.bn(self.conv(x)))
+
+
+def test_a_block_calling_f_relu_is_refused():
+    # trap: the output-tap fallback gave post-ReLU "features" (min 0.0) without a word
+    with pytest.raises(ModelError) as info:
+        HookedNetwork(Toy([FunctionalRelu(), FunctionalRelu()]), [["blocks.0"], ["blocks.1"]])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'blocks.0'" in message and "F.relu" in message
+    assert "tap_output=True" in message and "relu=" in message
+
+
+def test_tap_output_lists_blocks_and_checks_them():
+    # trap: tap_output must name real blocks; one listed block is output-tapped, the rest at relu
+    toy = Toy([NoRelu(), ThreeCalls()]).eval()
+    net = HookedNetwork(toy, [["blocks.0", "blocks.1"]], tap_output=["blocks.0"])
+    x = _image((2, 4, 4))
+    with torch.no_grad():
+        out = net(x, features=True)
+        torch.testing.assert_close(out.groups[0].layers[0], toy.blocks[0](x))
+    assert out.groups[0].bns == (None, toy.blocks[1].bn)
+    for bad, match in (("blocks.0", r"\['blocks.0'\]"), (["blocks.7"], "blocks.7")):
+        with pytest.raises(ModelError, match=match):
+            HookedNetwork(Toy([NoRelu()]), [["blocks.0"]], tap_output=bad)
+
+
+class SeqBlock(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.ReLU())
+
+
+def test_relu_names_the_activation_inside_a_sequential_block():
+    # trap: a Sequential block has no `relu` attribute; relu="2" taps the input of its nn.ReLU
+    toy = Toy([SeqBlock(), SeqBlock()]).eval()
+    randomize_bn(toy, weight_spread=1.0)
+    net = HookedNetwork(toy, [["blocks.0"], ["blocks.1"]], stages=["blocks.0", "blocks.1"],
+                        head=_toy_head, relu="2")
+    assert isinstance(net.group_input_activation, nn.ReLU)
+    x = _image((2, 4, 4))
+    with torch.no_grad():
+        out = net(x, features=True)
+        b0, b1 = toy.blocks
+        first = b0[1](b0[0](x))
+        torch.testing.assert_close(out.groups[0].last, first)
+        torch.testing.assert_close(out.groups[1].last, b1[1](b1[0](torch.relu(first))))
+        assert out.groups[0].last.min() < 0
+        assert out.groups[0].bns[0] is b0[1] and out.groups[1].bns[0] is b1[1]
+        assert torch.equal(net.forward_from(1, net.group_input_activation(first)), out.logits)
+    with pytest.raises(ModelError, match="'blocks.0' has no 'act'"):
+        HookedNetwork(toy, [["blocks.0"], ["blocks.1"]], relu="act")
+
+
+class CifarBlock(nn.Module):
+    """A CIFAR-style BasicBlock whose projection is `shortcut`, registered after bn2."""
+
+    def __init__(self, c_in: int = 2, c_out: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarToy(nn.Module):
+    def __init__(self, block0: nn.Module, block1: nn.Module) -> None:
+        super().__init__()
+        self.layer1, self.layer2 = block0, block1
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.layer2(self.layer1(x)).mean((2, 3)))
+
+
+def _cifar_net(**kwargs) -> HookedNetwork:
+    return HookedNetwork(CifarToy(CifarBlock(2, 3), CifarBlock(3, 3)), [["layer1"], ["layer2"]],
+                         **kwargs)
+
+
+def test_a_shortcut_named_projection_does_not_supply_the_margin_bn():
+    # trap: "the last BN not under downsample" picked shortcut.1, the shortcut's BN
+    net = _cifar_net()
+    with torch.no_grad():
+        out = net(_image((2, 4, 4)), features=True)
+    for g, name in enumerate(("layer1", "layer2")):
+        block = net.model.get_submodule(name)
+        assert out.groups[g].bns[0] is block.bn2
+
+
+class TwoBranches(nn.Module):
+    """BNs in two children with neutral names: which is the main path cannot be told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+        self.side = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.main(x) + self.side(x))
+
+
+def test_ambiguous_nested_bns_are_refused_unless_margin_bn_names_one():
+    # trap: the automatic rule silently picked the last BN in registration order (side.1)
+    with pytest.raises(ModelError) as info:
+        HookedNetwork(Toy([TwoBranches()]), [["blocks.0"]])
+    message = str(info.value)
+    assert "\n" not in message and "'blocks.0'" in message and "margin_bn=" in message
+    net = HookedNetwork(Toy([TwoBranches()]), [["blocks.0"]], margin_bn="main.1")
+    with torch.no_grad():
+        out = net(_image((2, 2, 2)), features=True)
+    assert out.groups[0].bns[0] is net.model.blocks[0].main[1]
+
+
+def test_margin_bn_as_a_path_and_as_a_mapping():
+    # trap: no way to say which BN a feature is the output of
+    net = _cifar_net(margin_bn="bn1")
+    with torch.no_grad():
+        out = net(_image((2, 4, 4)), features=True)
+    assert [g.bns[0] for g in out.groups] == [net.model.layer1.bn1, net.model.layer2.bn1]
+    net = _cifar_net(margin_bn={"layer1": "shortcut.1"})  # layer2: automatic
+    with torch.no_grad():
+        out = net(_image((2, 4, 4)), features=True)
+    assert out.groups[0].bns[0] is net.model.layer1.shortcut[1]
+    assert out.groups[1].bns[0] is net.model.layer2.bn2
+    # an output-tapped block has no BN unless one is named
+    net = HookedNetwork(Toy([NoRelu()]), [["blocks.0"]], tap_output=True)
+    assert net(_image((2, 2, 2)), features=True).groups[0].bns == (None,)
+
+
+@pytest.mark.parametrize("margin_bn, match", [
+    ("bn9", "margin_bn: block 'layer1' has no module 'bn9'"),
+    ("conv1", "layer1.conv1 is a Conv2d, not a BatchNorm"),
+    ({"layer3": "bn2"}, r"margin_bn names \['layer3'\]"),
+    (3, "margin_bn must be"),
+])
+def test_bad_margin_bn_is_refused(margin_bn, match):
+    # trap: a mistyped margin_bn must not fall back to the automatic choice
+    with pytest.raises(ModelError, match=match) as info:
+        _cifar_net(margin_bn=margin_bn)
+    assert "\n" not in str(info.value)
 
 
 class ReluNoBn(nn.Module):
@@ -257,16 +416,18 @@ def test_a_block_that_did_not_run_is_an_error_not_stale_data():
         net.forward_from(1, _image((2, 4, 4)))
 
 
-@pytest.mark.parametrize("args, match", [
-    ((Toy([NoRelu()]),), "pass `groups`"),
-    ((Toy([NoRelu()]), [["blocks.5"]]), "no block"),
-    ((Toy([NoRelu()]), [[]]), "at least one block"),
-    ((Toy([NoRelu(), NoRelu()]), [["blocks.0"], ["blocks.0"]]), "twice"),
-    ((Toy([NoRelu(), ThreeCalls()]), [["blocks.0"], ["blocks.1"]]), "all have a `relu`"),
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((Toy([NoRelu()]),), {}, "pass `groups`"),
+    ((Toy([NoRelu()]), [["blocks.5"]]), {}, "no block"),
+    ((Toy([NoRelu()]), [[]]), {}, "at least one block"),
+    ((Toy([NoRelu(), NoRelu()]), [["blocks.0"], ["blocks.0"]]), {"tap_output": True}, "twice"),
+    ((Toy([NoRelu(), ThreeCalls()]), [["blocks.0"], ["blocks.1"]]), {"tap_output": ["blocks.0"]},
+     "all be tapped at their 'relu' module or all at their output"),
+    ((Toy([ThreeCalls()]), [["blocks.0"]]), {"relu": ""}, "relu must be the path"),
 ])
-def test_bad_groupings(args, match):
+def test_bad_groupings(args, kwargs, match):
     with pytest.raises(ModelError, match=match):
-        HookedNetwork(*args)
+        HookedNetwork(*args, **kwargs)
 
 
 def test_deepcopy_records_into_the_copy(resnet18):

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfa_ext.errors import ModelError
-from dfa_ext.models import CifarResNet, TapOutput, WideResNet, available_models, create
+from dfa_ext.models import (CifarResNet, HookedNetwork, TapOutput, WideResNet, as_tapped,
+                            available_models, create, rebuild_record)
 from dfa_helpers import F64, randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,6 +56,10 @@ def test_unknown_name_lists_the_available_models():
     message = str(info.value)
     assert "resnet_nope" in message
     assert all(name in message for name in available_models())
+    assert "'pkg.module:factory'" in message  # trap: the import-path form was undiscoverable
+    # "torchvision:resnet19" has the import-path form too, but is a mistyped zoo name
+    with pytest.raises(ModelError, match="unknown model 'torchvision:resnet19'"):
+        create("torchvision:resnet19")
 
 
 @pytest.mark.parametrize("name, kwargs", [
@@ -287,3 +292,54 @@ def test_forward_from_is_differentiable_in_its_input():
     h = model.group_input_activation(out.groups[0].last).detach().requires_grad_(True)
     model.forward_from(1, h).logsumexp(1).sum().backward()
     assert h.grad is not None and h.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- as_tapped and rebuild_record
+
+def _torchvision_resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=4)
+
+
+def test_as_tapped_keeps_tapped_networks_and_wraps_torchvision_resnets():
+    # trap: no single entry point accepted a network built outside create()
+    model = create("resnet8")
+    assert as_tapped(model) is model
+    inner = _torchvision_resnet18()
+    wrapped = as_tapped(inner)
+    assert isinstance(wrapped, HookedNetwork) and wrapped.model is inner
+    assert wrapped.num_groups == 4
+
+
+def test_as_tapped_refuses_a_plain_module_in_one_line():
+    # trap: a plain module failed later, inside the distiller, with an unrelated error
+    with pytest.raises(ModelError) as info:
+        as_tapped(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("Sequential is not a TappedNetwork: wrap it")
+    assert "dfa_ext.models.HookedNetwork(model, groups=" in message
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("resnet8", {"width": 4}), ("wrn_16_1", {}), ("torchvision:resnet18", {"small_input": True}),
+])
+def test_rebuild_record_rebuilds_what_create_built(name, kwargs):
+    # trap: only model_name was recorded, so options such as width= were lost on rebuild
+    model = create(name, num_classes=5, **kwargs)
+    assert model.model_options == kwargs
+    record = rebuild_record(model)
+    assert record == (name, kwargs)
+    record[1]["extra"] = 1  # a copy: editing it does not change the model's record
+    assert model.model_options == kwargs
+    again = create(record[0], num_classes=5, **model.model_options)
+    assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_rebuild_record_is_none_for_networks_create_did_not_build():
+    assert rebuild_record(CifarResNet(8)) is None
+    assert rebuild_record(HookedNetwork(_torchvision_resnet18())) is None
+    wrapped = create("torchvision:resnet18")
+    assert rebuild_record(wrapped.model) is None  # the record is on the wrapper
+    assert rebuild_record(wrapped) == ("torchvision:resnet18", {})

@@ -1,10 +1,19 @@
 """The network contract for models the package did not define (e.g. torchvision ResNets), by hooks.
 
-Each block's pre-ReLU output is caught by a forward *pre*-hook on its ``relu`` module, which
-records a clone of the input (the ReLU is usually in place, and the block may call it several
-times: a torchvision BasicBlock twice, a Bottleneck three times; the last call's input is the
-block's pre-ReLU output, so the last call wins).  A block without a ``relu`` module falls back to
-a clone of its output, and the network's group activation is then the identity.
+Each block's pre-ReLU output is caught by a forward *pre*-hook on its activation module (``relu=``,
+default the block's ``relu``), which records a clone of the input (the ReLU is usually in place,
+and the block may call it several times: a torchvision BasicBlock twice, a Bottleneck three times;
+the last call's input is the block's pre-ReLU output, so the last call wins).
+
+A block without that module is refused: its output may already be post-activation (a block that
+calls ``F.relu``), which would silently give features >= 0.  ``tap_output=`` says explicitly that a
+block's output is the pre-activation feature; a clone of the output is then the tap, and the
+network's group activation is the identity.
+
+The BN whose output each feature is (the OFD margin source) is ``margin_bn=``, or found: the
+block's last BatchNorm outside its shortcut branch (a child named downsample, shortcut, skip, proj,
+projection or residual).  A block whose BNs sit in several other children is refused, since the
+main path cannot be told from the shortcut there.
 
 Hooks only record while ``forward(x, features=True)`` runs, and everything they recorded is
 dropped before it returns, so nothing leaks into the next call.  The record lives on this module,
@@ -14,7 +23,7 @@ so use one process per replica (DistributedDataParallel), not DataParallel.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -35,30 +44,117 @@ def _is_torchvision_resnet(model: nn.Module) -> bool:
     return all(isinstance(getattr(model, n, None), nn.Module) for n in names)
 
 
-def _margin_bn(block: nn.Module) -> Optional[nn.Module]:
-    """The block's last BatchNorm outside its ``downsample`` branch (bn2 / bn3 in torchvision)."""
-    found = None
-    for path, module in block.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
-                not (path == "downsample" or path.startswith("downsample.")):
-            found = module
-    return found
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+# Children that hold a block's projection shortcut (torchvision ``downsample``, CIFAR ``shortcut``):
+# their BN normalises the shortcut, not the main path, so it is never the margin source.
+SHORTCUT_NAMES = ("downsample", "shortcut", "skip", "proj", "projection", "residual")
+
+
+def _auto_margin_bn(path: str, block: nn.Module) -> Optional[nn.Module]:
+    """The block's last BatchNorm outside its shortcut branch (bn2 / bn3 in torchvision), or None
+    when it has none.  Refuses a block whose BNs lie in several children (or in a child and the
+    block itself): any of those children may be an unnamed shortcut."""
+    direct: List[nn.Module] = []
+    nested: Dict[str, List[nn.Module]] = {}
+    for sub, module in block.named_modules():
+        if not sub or not _is_batchnorm(module):
+            continue
+        child, _, rest = sub.partition(".")
+        if child in SHORTCUT_NAMES:
+            continue
+        (nested.setdefault(child, []) if rest else direct).append(module)
+    if not nested:
+        return direct[-1] if direct else None
+    if len(nested) == 1 and not direct:  # the whole main path is one child (a Sequential body)
+        return next(iter(nested.values()))[-1]
+    where = sorted(nested) + (["the block itself"] if direct else [])
+    raise ModelError(f"block {path!r} has BatchNorms in {where}, so its main path cannot be told "
+                     f"from its shortcut: name the BN of the tapped feature with margin_bn= "
+                     f"(a path inside the block, or {{{path!r}: 'bn2'}})")
+
+
+def _named_bn(path: str, block: nn.Module, bn_path: str) -> nn.Module:
+    """The BatchNorm ``bn_path`` inside ``block`` (an explicit ``margin_bn``)."""
+    try:
+        bn = block.get_submodule(bn_path) if bn_path else None
+    except AttributeError:
+        bn = None
+    if bn is None:
+        raise ModelError(f"margin_bn: block {path!r} has no module {bn_path!r}; pass the path of "
+                         "a BatchNorm inside the block (e.g. 'bn2')")
+    if not _is_batchnorm(bn):
+        raise ModelError(f"margin_bn: {path}.{bn_path} is a {type(bn).__name__}, not a BatchNorm; "
+                         "pass the path of the BN whose output the tapped feature is")
+    return bn
+
+
+def _output_tapped_blocks(tap_output: Union[bool, Sequence[str]], blocks: Sequence[str]) -> Set[str]:
+    """The blocks named by ``tap_output`` (True: all of them)."""
+    if isinstance(tap_output, bool):
+        return set(blocks) if tap_output else set()
+    if isinstance(tap_output, str):
+        raise ModelError(f"tap_output takes True/False or a list of block paths, got the string "
+                         f"{tap_output!r}: pass [{tap_output!r}]")
+    unknown = [p for p in tap_output if p not in blocks]
+    if unknown:
+        raise ModelError(f"tap_output names {unknown}, which are not blocks of `groups`; pass "
+                         "paths listed in groups")
+    return set(tap_output)
+
+
+def _tapped_or_none(module: nn.Module) -> Optional[TappedNetwork]:
+    """``module`` itself when tapped, a torchvision-style ResNet wrapped, else None."""
+    if isinstance(module, TappedNetwork):
+        return module
+    if _is_torchvision_resnet(module):
+        return HookedNetwork(module)
+    return None
+
+
+def as_tapped(module: nn.Module) -> TappedNetwork:
+    """``module`` as a :class:`TappedNetwork`: itself when it is one, a torchvision-style ResNet
+    (layer1..layer4, avgpool, fc) wrapped in :class:`HookedNetwork`; anything else is refused."""
+    tapped = _tapped_or_none(module)
+    if tapped is None:
+        raise ModelError(f"{type(module).__name__} is not a TappedNetwork: wrap it, e.g. "
+                         "dfa_ext.models.HookedNetwork(model, groups=[['layer1.0', ...], ...]) "
+                         "with stages= and head= for forward_from")
+    return tapped
 
 
 class HookedNetwork(TappedNetwork):
     """Wraps ``model`` so it follows the :class:`TappedNetwork` contract.
 
-    groups: per layer group, the module paths of its blocks (each one tapped layer).  Defaults
-        for a torchvision ResNet to the blocks of layer1..layer4 (G = 4).
-    stages: per group, the module path that maps the group's input to its (activated) output,
-        and head: ``head(model, h)`` -> logits; both are needed by ``forward_from(g >= 1, h)`` and
-        default to layer1..layer4 and avgpool-flatten-fc for a torchvision ResNet.
-    group_names: one name per group (default: the stage paths, else "group{g}").
+    Args:
+        model: the network; ``model(x)`` -> logits [B, num_classes] for x [B, C_in, H, W].
+        groups: per layer group, the module paths of its blocks (each one tapped layer).  Defaults
+            for a torchvision ResNet to the blocks of layer1..layer4 (G = 4).
+        stages: per group, the module path that maps the group's input to its (activated) output;
+            needed by ``forward_from(g >= 1, h)``.  Default for a torchvision ResNet: layer1..4.
+        head: ``head(model, h)`` -> logits [B, num_classes] from the last stage's output; needed
+            by ``forward_from(g >= 1, h)``.  Default for a torchvision ResNet: avgpool, flatten, fc.
+        group_names: one name per group (default: the stage paths, else "group{g}").
+        relu: path, inside every block, of the activation module whose input (at its last call
+            within the block) is the tap, e.g. "2" for ``nn.Sequential(conv, bn, nn.ReLU())``.
+            A block without it is refused unless ``tap_output`` names it.
+        tap_output: True, or a list of block paths: tap those blocks' output instead, for blocks
+            whose output is the pre-activation feature.  The groups' last blocks must all be
+            relu-tapped (group activation ReLU) or all output-tapped (identity).
+        margin_bn: the BN, as a path inside the block, whose output the tapped feature is (its
+            OFD margin source): one path for every block, or a mapping block path -> BN path
+            (blocks not in it are found automatically).  None: the block's last BN outside a
+            shortcut child (downsample, shortcut, skip, proj, projection, residual); an
+            output-tapped block then has no known BN (``GroupFeatures.bns`` entry None).
     """
 
     def __init__(self, model: nn.Module, groups: Optional[Sequence[Sequence[str]]] = None, *,
                  stages: Optional[Sequence[str]] = None, head: Optional[Head] = None,
-                 group_names: Optional[Sequence[str]] = None) -> None:
+                 group_names: Optional[Sequence[str]] = None, relu: str = "relu",
+                 tap_output: Union[bool, Sequence[str]] = False,
+                 margin_bn: Union[str, Mapping[str, str], None] = None) -> None:
         super().__init__()
         self.model = model
         if groups is None:
@@ -81,43 +177,68 @@ class HookedNetwork(TappedNetwork):
         if len(group_names) != len(self._groups):
             raise ModelError(f"{len(group_names)} group names given for {len(self._groups)} groups")
         self._group_names = tuple(group_names)
+        if not isinstance(relu, str) or not relu:
+            raise ModelError(f"relu must be the path of the activation module inside each block "
+                             f"(e.g. 'relu' or '2'), got {relu!r}")
 
         self._capturing = False
         self._stash: Dict[str, Tensor] = {}
         self._active: List[str] = []  # blocks currently running, innermost last
         self._bns: Dict[str, Optional[nn.Module]] = {}
-        self._no_relu: Set[str] = set()  # blocks tapped at their output instead
+        blocks = [p for g in self._groups for p in g]
+        self._output_tapped = _output_tapped_blocks(tap_output, blocks)  # tapped at their output
         # relu calls per block: counted in this forward, and learned from the first one so that
         # later forwards clone only at the last call (a BasicBlock's first clone is wasted work)
         self._calls: Dict[str, int] = {}
         self._calls_per_block: Dict[str, int] = {}
-        self._register_hooks()
-        last_has_relu = {g[-1] not in self._no_relu for g in self._groups}
-        if len(last_has_relu) != 1:
-            raise ModelError("the groups' last blocks must all have a `relu` module or all lack "
-                             "one (it decides the group input activation)")
-        self.group_input_activation = nn.ReLU() if last_has_relu.pop() else nn.Identity()
+        self._register_hooks(blocks, relu, margin_bn)
+        last_relu_tapped = {g[-1] not in self._output_tapped for g in self._groups}
+        if len(last_relu_tapped) != 1:
+            raise ModelError(f"the groups' last blocks must all be tapped at their {relu!r} module "
+                             "or all at their output (tap_output=); it decides the group input "
+                             "activation")
+        self.group_input_activation = nn.ReLU() if last_relu_tapped.pop() else nn.Identity()
 
-    def _register_hooks(self) -> None:
-        """Hooks every block, and the ``relu`` module of those that have one."""
+    def _register_hooks(self, blocks: Sequence[str], relu: str,
+                        margin_bn: Union[str, Mapping[str, str], None]) -> None:
+        """Hooks every block, and the activation module of those tapped at it; finds their BNs."""
+        if isinstance(margin_bn, Mapping):
+            unknown = [p for p in margin_bn if p not in blocks]
+            if unknown:
+                raise ModelError(f"margin_bn names {unknown}, which are not blocks of `groups`; "
+                                 "key it by paths listed in groups")
+        elif margin_bn is not None and not isinstance(margin_bn, str):
+            raise ModelError(f"margin_bn must be a BN path, a mapping block path -> BN path or "
+                             f"None, got {type(margin_bn).__name__}")
         hooked_relus = set()
-        for path in (p for g in self._groups for p in g):
+        for path in blocks:
             if path in self._bns:
                 raise ModelError(f"block {path!r} is listed twice in groups")
             try:
                 block = self.model.get_submodule(path)
             except AttributeError as e:
                 raise ModelError(f"the model has no block {path!r}: {e}") from None
-            relu = getattr(block, "relu", None)
-            if not isinstance(relu, nn.Module):
-                self._no_relu.add(path)
-            self._bns[path] = None if path in self._no_relu else _margin_bn(block)
+            act = None
+            if path not in self._output_tapped:
+                try:
+                    act = block.get_submodule(relu)
+                except AttributeError:
+                    raise ModelError(
+                        f"block {path!r} has no {relu!r} module to hook, and its output may "
+                        "already be post-activation (F.relu): give the block an nn.ReLU module "
+                        "(and name it with relu=...), or pass tap_output=True (or a list of block "
+                        "paths) if its output is the pre-activation feature") from None
+            bn_path = margin_bn.get(path) if isinstance(margin_bn, Mapping) else margin_bn
+            if bn_path is not None:
+                self._bns[path] = _named_bn(path, block, bn_path)
+            else:  # an output-tapped block's output need not be a BN's: unknown unless named
+                self._bns[path] = None if act is None else _auto_margin_bn(path, block)
             # Bound methods and partials (not closures), so deepcopy re-targets them at the copy.
             block.register_forward_pre_hook(functools.partial(self._enter_block, path))
             block.register_forward_hook(functools.partial(self._exit_block, path))
-            if path not in self._no_relu and id(relu) not in hooked_relus:  # shared: hook once
-                hooked_relus.add(id(relu))
-                relu.register_forward_pre_hook(self._on_relu)
+            if act is not None and id(act) not in hooked_relus:  # shared: hook once
+                hooked_relus.add(id(act))
+                act.register_forward_pre_hook(self._on_relu)
 
     def _enter_block(self, path: str, module: nn.Module, args) -> None:
         if self._capturing:
@@ -128,7 +249,7 @@ class HookedNetwork(TappedNetwork):
         if not self._capturing:
             return
         self._active.pop()
-        if path in self._no_relu and isinstance(output, Tensor):  # no relu: the output itself
+        if path in self._output_tapped and isinstance(output, Tensor):  # tap_output: the output
             self._stash[path] = output.clone()
             return
         calls = self._calls.pop(path, 0)

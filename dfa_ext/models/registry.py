@@ -2,18 +2,23 @@
 
 Names: ``resnet{d}`` and ``resnet{d}x4`` (d = 6n + 2; ``width=W`` sets the first group's
 channels), ``wrn_{d}_{k}`` (d = 6n + 4, k >= 1),
-``torchvision:resnet{18,34,50,101,152}`` (wrapped in a :class:`HookedNetwork`).
+``torchvision:resnet{18,34,50,101,152}`` (wrapped in a :class:`HookedNetwork`), and the user's own
+networks as an import path ``"pkg.module:factory"`` (see :mod:`.import_path`).
+
+Every network ``create`` builds carries ``model_name`` and ``model_options`` (its keyword
+arguments), so a checkpoint can record how to rebuild it: :func:`rebuild_record`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
 from ..errors import ModelError
 from .hooked import HookedNetwork
+from .import_path import build_from_import_path, is_import_path
 from .resnet_cifar import WIDTHS, WIDTHS_X4, CifarResNet, scaled_widths
 from .taps import TappedNetwork
 from .wrn import WideResNet
@@ -72,11 +77,35 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3,
            **kwargs: Any) -> TappedNetwork:
     """Builds a freshly initialised model; logits [B, num_classes] for images [B, in_channels, H, W].
 
-    Raises :class:`ModelError` for an unknown name, a bad depth/width or an unknown argument.
+    ``name`` is a zoo name (:func:`available_models`) or an import path ``"pkg.module:factory"``:
+    the factory (function or class) is called with ``kwargs``, plus ``num_classes`` and
+    ``in_channels`` when its signature takes them, and must return a :class:`TappedNetwork` (or a
+    torchvision-style ResNet, wrapped in a :class:`HookedNetwork`).  A module not importable from
+    sys.path is looked for in the working directory too.
+
+    The result carries ``model_name = name`` and ``model_options = dict(kwargs)``.
+    Raises :class:`ModelError` for an unknown name, a bad depth/width, an unknown argument, or a
+    factory that cannot be imported, called, or returns something else.
     """
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelError(f"{what} must be a positive int, got {value!r}")
+    model = _create_zoo(name, num_classes, in_channels, kwargs)
+    # "torchvision:resnet19" is a mistyped zoo name, not the module torchvision's attribute
+    if model is None and is_import_path(name) and not name.startswith(_TV_PREFIX):
+        model = build_from_import_path(name, num_classes, in_channels, kwargs)
+    if model is None:
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(available_models())} "
+                         "(any resnet{6n+2}, resnet{6n+2}x4 and wrn_{6n+4}_{k} too), or your own "
+                         "network as 'pkg.module:factory'")
+    model.model_name = name
+    model.model_options = dict(kwargs)
+    return model
+
+
+def _create_zoo(name: str, num_classes: int, in_channels: int,
+                kwargs: Dict[str, Any]) -> Optional[TappedNetwork]:
+    """The zoo model ``name``, or None when no family matches it."""
     for pattern, build, accepted in _FAMILIES:
         match = pattern.fullmatch(name)
         if match is None:
@@ -86,10 +115,18 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3,
             raise ModelError(f"model {name!r} does not take {unknown}; it accepts "
                              f"{list(accepted) or 'no extra arguments'}")
         try:
-            model = build(match, num_classes, in_channels, **kwargs)
+            return build(match, num_classes, in_channels, **kwargs)
         except ModelError as error:  # e.g. a bad depth: say which name the user gave
             raise ModelError(f"model {name!r}: {error}") from None
-        model.model_name = name
-        return model
-    raise ModelError(f"unknown model {name!r}; available: {', '.join(available_models())} "
-                     "(any resnet{6n+2}, resnet{6n+2}x4 and wrn_{6n+4}_{k} too)")
+    return None
+
+
+def rebuild_record(module: nn.Module) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """``(model_name, model_options)`` of a network :func:`create` built, so that
+    ``create(model_name, num_classes, in_channels, **model_options)`` rebuilds it; None for any
+    other module.  For a HookedNetwork the record is on the wrapper, not the wrapped model."""
+    name = getattr(module, "model_name", None)
+    options = getattr(module, "model_options", None)
+    if not isinstance(name, str) or not isinstance(options, dict):
+        return None
+    return name, dict(options)
