@@ -123,18 +123,24 @@ class DeviceBatches:
 DATA_ON_DEVICE_CHOICES = ("auto", "on", "off")
 
 
-def data_on_device(mode: str, dataset: torch.utils.data.Dataset, device: torch.device) -> DeviceImages | None:
-    """``dataset`` on ``device`` as ``--data-on-device MODE`` asks, or None for the loader path.
+def data_on_device(mode: str, dataset: torch.utils.data.Dataset | None,
+                   device: torch.device) -> DeviceImages | None:
+    """``dataset`` on ``device`` as ``--data-on-device MODE`` asks, or None for the loader path
+    (always for a user's dataset, whose transforms are its own; and for no dataset).
 
     ``auto``: on a GPU for in-memory datasets (the loader's per-item Python and the host-to-device
     copy are what a GPU waits on); off on the CPU, where the loader is as fast (bench_epoch.py).
     """
     if mode not in DATA_ON_DEVICE_CHOICES:
         raise DataError(f"data_on_device must be one of {', '.join(DATA_ON_DEVICE_CHOICES)}, got {mode!r}")
+    if dataset is None:  # a bundle without a test split: nothing to place
+        return None
     in_memory = device_source(dataset) is not None
     if mode == "on" and not in_memory:
+        # An image folder reads files; a user's dataset (LabelledDataset) has its own transforms,
+        # which the batched gather cannot apply.
         raise DataError(f"--data-on-device on needs an in-memory dataset (mnist, digits, cifar10/100); "
-                        f"{type(dataset).__name__} reads its images from files")
+                        f"{type(dataset).__name__} does not hold its images in one tensor: pass auto or off")
     if mode == "off" or not in_memory or (mode == "auto" and torch.device(device).type != "cuda"):
         return None
     return DeviceImages(dataset, device)

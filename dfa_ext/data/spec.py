@@ -35,8 +35,12 @@ class DataBundle:
     default dtype when loaded: float32 unless set otherwise) and an int. Both datasets have
     ``labels`` (int64 ``[N]``) and ``set_epoch(epoch)``; only ``train`` is augmented (when asked
     for), ``test`` never is.
+
+    ``test`` is None when the data has no test split (``as_bundle`` of a single user dataset):
+    such a bundle can train but not evaluate, so runs that evaluate ask
+    ``as_bundle(..., require_test=True)``.
     """
 
     train: Dataset
-    test: Dataset
+    test: Dataset | None
     spec: DataSpec
