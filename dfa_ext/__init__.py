@@ -1,6 +1,9 @@
 """dfa_ext: fused ops and trainers for DFA knowledge distillation.
 
 ``dfa_ext.ops`` holds the fused operations, ``dfa_ext.reference`` their pure-PyTorch definition.
+For your own networks, data and loop: ``DFALoss`` (the stage-2 feature loss as a module),
+``AggregationSearch`` (stage 1 as an object your loop steps), and the whole runs ``train_teacher``,
+``run_search`` and ``run_distill`` with their configs (imported on first use).
 """
 
 from __future__ import annotations
@@ -12,7 +15,24 @@ from . import _autograd, _fake  # noqa: F401  autograd formulas and fake kernels
 from . import ops, reference
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "kernels", "__version__"]
+# The public API of the upper layers, imported on first use: `import dfa_ext` stays quick.
+_LAZY = {
+    "DFALoss": "distill.loss", "AggregationSearch": "search.session", "SearchResult": "search.result",
+    "load_search_result": "search.result", "SearchConfig": "search.config", "run_search": "search.searcher",
+    "DistillConfig": "distill.config", "run_distill": "distill.trainer", "TeacherConfig": "training.teacher",
+    "train_teacher": "training.teacher", "HookedNetwork": "models", "as_bundle": "data",
+}
+__all__ = ["ops", "reference", "kernels", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dfa_ext' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def _has_kernel(key: str) -> bool:

@@ -65,11 +65,12 @@ def teacher_margins(teacher: nn.Module, input_shape: tuple[int, int, int]) -> li
     images of ``input_shape`` on the teacher's device, in eval mode, under no_grad)."""
     param = next(teacher.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else None  # a float64 teacher too
     was_training = teacher.training
     teacher.eval()
     try:
         with torch.no_grad():
-            groups = teacher(torch.zeros(2, *input_shape, device=device), features=True).groups
+            groups = teacher(torch.zeros(2, *input_shape, device=device, dtype=dtype), features=True).groups
     finally:
         teacher.train(was_training)
     return [group_margins(g.bns) for g in groups]

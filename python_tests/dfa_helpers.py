@@ -329,3 +329,16 @@ def check_autocast_gradients(device: str, dtype: torch.dtype, weight_rtol: float
             assert g.abs().max() > 0, name
             torch.testing.assert_close(g, rg, rtol=weight_rtol, atol=weight_rtol * float(rg.abs().max()),
                                        msg=lambda m: f"{name}: {m}")
+
+
+def masked_squared_error(student: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """OFD's partial L2 per sample, written out: (s - t)^2 summed where s > t or t > 0; [B]."""
+    keep = (student > t) | (t > 0)
+    return ((student - t) ** 2 * keep).flatten(1).sum(1)
+
+
+def independent_partial_l2(student: torch.Tensor, maps, beta: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """method.md section 6 written out: t = sum_j alpha_j max(T_j, m_j); masked squared error; [B]."""
+    alpha = torch.exp(beta) / torch.exp(beta).sum()
+    t = sum(a * torch.maximum(m, mg.view(1, -1, 1, 1)) for a, m, mg in zip(alpha, maps, margins))
+    return masked_squared_error(student, t)

@@ -21,9 +21,9 @@ from dfa_ext.margins import group_margins
 from dfa_ext.search import SearchConfig, run_search
 from dfa_ext.search.result import file_sha256, load_search_result
 from dfa_ext.training import TrainingInterrupted, load_checkpoint, model_from_checkpoint
-from dfa_ext.training.checkpoint import model_record, save_checkpoint
+from dfa_ext.training.checkpoint import model_record, save_checkpoint, weights_fingerprint
 
-from dfa_helpers import randomize_bn
+from dfa_helpers import independent_partial_l2, masked_squared_error, randomize_bn
 from rounding import assert_float64_runs_agree, assert_rounding_like_control, default_dtype
 from test_margins import _ofd_margin  # OFD's published formula, in float64
 
@@ -81,12 +81,18 @@ def test_group_targets_of_each_method():
         group_targets("kd", pairs)
 
 
-def _independent_partial_l2(student, maps, beta, margins):
-    """method.md section 6 written out: t = sum_j alpha_j max(T_j, m_j); masked squared error."""
-    alpha = torch.exp(beta) / torch.exp(beta).sum()
-    t = sum(a * torch.maximum(m, mg.view(1, -1, 1, 1)) for a, m, mg in zip(alpha, maps, margins))
-    keep = (student > t) | (t > 0)
-    return ((student - t) ** 2 * keep).flatten(1).sum(1)
+def _feature_loss_margin_after_mixing(distiller, images, alphas, layers, margins):
+    """``--margin-place aggregate`` written out (before gamma_fd): the stage-weighted (1/4, 1/2, 1)
+    mean partial L2 towards max(sum_j alpha_j T_j, margin), group by group."""
+    with torch.no_grad():
+        groups = distiller.teacher(images, features=True).groups
+        out = distiller.classifier(images, features=True)
+        total = 0.0
+        for i, w in enumerate((0.25, 0.5, 1.0)):
+            mixture = sum(a * groups[i].layers[j] for a, j in zip(alphas[i], layers[i]))
+            t = torch.maximum(mixture, margins[i].view(1, -1, 1, 1))
+            total += w * masked_squared_error(distiller.st_connectors[i](out.groups[i].last), t).mean()
+    return total
 
 
 def _distiller(kernels, targets_of, dtype=torch.float64, seed=0, weights=None):
@@ -127,7 +133,7 @@ def test_feature_loss_matches_the_formula_of_the_method(kernels):
         want = 0.0
         for i, w in enumerate((0.25, 0.5, 1.0)):
             mapped = distiller.st_connectors[i](out.groups[i].last)
-            want += w * _independent_partial_l2(mapped, groups[i].layers, beta[i].double(), margins[i].double()).mean()
+            want += w * independent_partial_l2(mapped, groups[i].layers, beta[i].double(), margins[i].double()).mean()
     torch.testing.assert_close(losses["fd"].double(), 1e-3 * want, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(losses["ce"], F.cross_entropy(logits, labels))
 
@@ -250,7 +256,7 @@ def test_random_beta_comes_from_the_options_whatever_the_run_seed(digits):
                                data="digits", teacher="unused.pt")
         distiller = _configured_distiller(config, digits, seed=seed)
         for i, target in enumerate(want):
-            assert torch.equal(getattr(distiller, f"beta_{i}").float(), target.beta), (seed, i)
+            assert torch.equal(distiller.feature_loss.beta(i).float(), target.beta), (seed, i)
 
 
 def test_a_zero_stage_weight_drops_that_groups_term_and_its_gradient(digits):
@@ -261,7 +267,7 @@ def test_a_zero_stage_weight_drops_that_groups_term_and_its_gradient(digits):
                                                    teacher="unused.pt", **options), digits)
 
     full, zero = build(), build(stage_weights=(0.25, 0.0, 1.0))  # the same seed: the same networks
-    assert zero.weights == [0.25, 0.0, 1.0] and full.weights == [0.25, 0.5, 1.0]
+    assert zero.feature_loss.weights == [0.25, 0.0, 1.0] and full.feature_loss.weights == [0.25, 0.5, 1.0]
     assert zero.has_unused_parameters and not full.has_unused_parameters  # DDP must allow the unused connector
     idle_bn = {k: v.clone() for k, v in zero.st_connectors[1].state_dict().items()}
     images, labels = _batch()
@@ -272,8 +278,8 @@ def test_a_zero_stage_weight_drops_that_groups_term_and_its_gradient(digits):
     with torch.no_grad():  # each group's term by hand (train-mode BN: batch statistics, as in the forward)
         groups = full.teacher(images, features=True).groups
         out = full.classifier(images, features=True)
-        terms = [_independent_partial_l2(full.st_connectors[i](out.groups[i].last), groups[i].layers,
-                                         getattr(full, f"beta_{i}"), getattr(full, f"margins_{i}")).mean()
+        terms = [independent_partial_l2(full.st_connectors[i](out.groups[i].last), groups[i].layers,
+                                         full.feature_loss.beta(i), full.feature_loss.margins(i)).mean()
                  for i in range(3)]
     assert 0.5 * terms[1] > 1e-3 * (0.25 * terms[0] + terms[2])  # group 1's term is far above the tolerance
     # the feature loss is summed in float32 (whatever the maps' dtype): a float32 rounding apart
@@ -302,15 +308,8 @@ def test_margin_after_aggregation_applies_one_margin_to_the_mixture():
     after.st_connectors.load_state_dict(per_layer.st_connectors.state_dict())
     images, labels = _batch()
     _, losses = after(images, labels)
-    with torch.no_grad():
-        groups = after.teacher(images, features=True).groups
-        out = after.classifier(images, features=True)
-        want = 0.0
-        for i, w in enumerate((0.25, 0.5, 1.0)):
-            alpha = torch.softmax(beta[i].double(), 0)
-            t = torch.maximum(sum(a * m for a, m in zip(alpha, groups[i].layers)), mixed_margins[i].view(1, -1, 1, 1))
-            s = after.st_connectors[i](out.groups[i].last)
-            want += w * (((s - t) ** 2) * ((s > t) | (t > 0))).flatten(1).sum(1).mean()
+    want = _feature_loss_margin_after_mixing(after, images, [torch.softmax(b.double(), 0) for b in beta],
+                                             [(0, 1)] * 3, mixed_margins)
     torch.testing.assert_close(losses["fd"].double(), 1e-3 * want, rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match=r"\[1, C\]"):
         FeatureDistiller(after.classifier, after.teacher, after._record, pairs=_pairs(), targets=targets_of(_pairs()),
@@ -473,7 +472,7 @@ def test_every_method_trains_a_student_and_writes_its_files(tmp_path, teacher_ch
     student = model_from_checkpoint(out / "last.pt")
     assert isinstance(student, models.CifarResNet)
     if method in ("ofd", "uniform", "random", "dfa"):
-        assert any(k.startswith("st_connectors.") for k in state["distiller"])
+        assert any(k.startswith("feature_loss.st_connectors.") for k in state["distiller"])
         assert not any(k.startswith(("teacher.", "classifier.")) for k in state["distiller"])
 
 
@@ -488,7 +487,7 @@ def test_dfa_uses_the_searched_alpha(tmp_path, teacher_checkpoint, aggregation):
                                 {"name": "resnet8", "num_classes": 10, "in_channels": 1}, load_data("digits"),
                                 {"sha256": searched.teacher["sha256"]})
     for i, group in enumerate(searched.groups):
-        torch.testing.assert_close(torch.softmax(getattr(distiller, f"beta_{i}"), 0).double(),
+        torch.testing.assert_close(torch.softmax(distiller.feature_loss.beta(i), 0).double(),
                                    torch.tensor(group.alpha, dtype=torch.float64))
 
 
@@ -542,7 +541,8 @@ def test_aggregate_place_bn_margins_through_the_trainer_are_the_alpha_weighted_l
             branches.update(_negative_tail(w, b) <= 1e-3 for w, b in bn)
         mixed = sum(a * torch.tensor(row, dtype=torch.float64) for a, row in zip(alpha, rows))
         want.append(mixed.view(1, -1))
-        torch.testing.assert_close(getattr(distiller, f"margins_{i}").double(), want[i], rtol=1e-6, atol=1e-6,
+        # the buffer is float32: one rounding of the float64 mixture (6e-8), 1e-6 is 17x that
+        torch.testing.assert_close(distiller.feature_loss.margins(i).double(), want[i], rtol=1e-6, atol=1e-6,
                                    msg=lambda text, i=i: f"group {i}: {text}")
     assert branches == {True, False}  # both of OFD's estimates occur among the channels
 
@@ -550,16 +550,9 @@ def test_aggregate_place_bn_margins_through_the_trainer_are_the_alpha_weighted_l
     distiller = distiller.double().train()
     images, labels = _batch()
     _, losses = distiller(images, labels)
-    with torch.no_grad():
-        groups = distiller.teacher(images, features=True).groups
-        out = distiller.classifier(images, features=True)
-        fd = 0.0
-        for i, (w, entry, alpha) in enumerate(zip((0.25, 0.5, 1.0), aggregation, alphas)):
-            mixture = sum(a * groups[i].layers[j] for a, j in zip(alpha, entry["layers"]))
-            t = torch.maximum(mixture, want[i].view(1, -1, 1, 1))
-            s = distiller.st_connectors[i](out.groups[i].last)
-            fd += w * (((s - t) ** 2) * ((s > t) | (t > 0))).flatten(1).sum(1).mean()
-    torch.testing.assert_close(losses["fd"].double(), 1e-3 * fd, rtol=1e-5, atol=1e-12)  # summed in float32
+    fd = _feature_loss_margin_after_mixing(distiller, images, alphas, [a["layers"] for a in aggregation], want)
+    # the margins buffers are float32 (within 1e-6 of want, above) and the loss is summed in float32
+    torch.testing.assert_close(losses["fd"].double(), 1e-3 * fd, rtol=1e-5, atol=1e-12)
 
 
 def test_every_method_starts_from_the_same_student_for_a_seed(tmp_path, teacher_checkpoint, aggregation):
@@ -625,7 +618,8 @@ def test_distilled_student_can_teach(tmp_path, teacher_checkpoint, aggregation):
                                teacher=str(tmp_path / "first" / "best.pt")))
     # the second run was taught by that very file (the checkpoint names the teacher and its hash)
     taught = load_checkpoint(tmp_path / "second" / "last.pt", kind="distill")["signature"]["teacher"]
-    assert taught == {"model": "resnet8", "sha256": file_sha256(tmp_path / "first" / "best.pt")}
+    assert taught == {"model": "resnet8", "sha256": file_sha256(tmp_path / "first" / "best.pt"),
+                      "weights": weights_fingerprint(model_from_checkpoint(tmp_path / "first" / "best.pt"))}
     assert taught["sha256"] != file_sha256(teacher_checkpoint)
 
 
@@ -641,7 +635,7 @@ def test_warm_start_takes_the_search_student(tmp_path, teacher_checkpoint, aggre
             assert torch.equal(trained[key], value), key
     connectors = load_checkpoint(tmp_path / "run" / "last.pt")["distiller"]
     searched = {k: v for k, v in saved["net"].items() if k.startswith("st_connectors.")}
-    assert searched and all(torch.equal(connectors[k], v) for k, v in searched.items()
+    assert searched and all(torch.equal(connectors[f"feature_loss.{k}"], v) for k, v in searched.items()
                             if "running" not in k and "num_batches" not in k)
     with pytest.raises(ConfigError, match="resnet8"):
         run_distill(distill_config(tmp_path, teacher_checkpoint, aggregation, "other", warm_start=search_last,

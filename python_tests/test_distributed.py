@@ -262,7 +262,7 @@ def test_distillation_is_identical_on_every_rank_and_matches_one_process(tmp_pat
     two = launch("distill", 2, tmp_path / "two", crash_at=5, **settings)
     one = launch("distill", 1, tmp_path / "one", crash_at=5, **settings)
     _assert_identical(two)
-    assert any(k.startswith("st_connectors.") for k in two[0])
+    assert any(k.startswith("feature_loss.st_connectors.") for k in two[0])
     _assert_close(two[0], one[0])
 
 

@@ -32,13 +32,15 @@ class DistillConfig(LoopConfig, DataOptions):
     epochs: int = option(15, "training epochs")
     teacher: str | None = option(None, "teacher checkpoint (last.pt or best.pt of dfa train-teacher); "
                                  "not needed by --method vanilla")
-    student: str = option("resnet8", "student network name (see `dfa models`)")
+    student: str | None = option("resnet8", "student network: a name (see `dfa models`) or an import path "
+                                 "pkg.module:factory of your own (the factory returns a TappedNetwork)")
     student_options: dict = option({}, "extra arguments of the student network, as KEY=VALUE")
     method: str = option("dfa", "vanilla (CE only), kd (Hinton), ofd (each group's last teacher layer), "
                          "uniform / random aggregation, or dfa (the searched aggregation); METHOD+kd adds "
                          "Hinton's KD term to a feature method ((1 - kd_weight) CE + KD + feature loss)",
                          choices=METHODS)
-    aggregation: str | None = option(None, "search result of dfa search (search.json); needed by --method dfa")
+    aggregation: str | None = option(None, "search result of dfa search (search.json; in Python also the "
+                                     "SearchResult run_search returns); needed by --method dfa")
     check_teacher_hash: bool = option(True, "refuse an aggregation searched with another teacher checkpoint "
                                       "file (same layers, other weights)")
     check_teacher_data: bool = option(True, "refuse a teacher trained, or an aggregation searched, on another dataset or image size")
@@ -63,8 +65,10 @@ class DistillConfig(LoopConfig, DataOptions):
     kernels: str = option("fused", "DFA ops: fused kernels or the pure-PyTorch reference", choices=KERNEL_CHOICES)
     out: str = option("runs/distill", "output folder (checkpoints, metrics.csv, config.json)")
 
-    def validate(self) -> None:
+    def validate(self, student_given: bool = False) -> None:
         super().validate()
+        if not self.student and not student_given:
+            raise ConfigError("student is required: a network name, an import path pkg.module:factory, or a module")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.margins not in MARGIN_SOURCES or self.margin_place not in MARGIN_PLACES:

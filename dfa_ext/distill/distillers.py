@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..kernels_switch import dfa_ops
 from ..losses import cross_entropy, hinton_losses
 from ..models import GroupPair, TappedNetwork
 from ..training.checkpoint import model_record
 from ..training.loop import TrainingTask
 from ..training.teacher import freeze
+from .loss import DFALoss
 from .targets import GroupTarget
 
 
@@ -89,15 +89,13 @@ class KDDistiller(Distiller):
 
 
 class FeatureDistiller(Distiller):
-    """Feature distillation towards a per-group aggregation of the teacher's layers (method.md s. 6):
+    """Cross-entropy (or Hinton's KD terms, with ``kd``) plus the feature loss of a :class:`DFALoss`
+    (method.md section 6), which owns the ST connectors, the aggregation and the margins:
 
         loss = CE + gamma_fd * sum_i w_i * mean_b partial_l2(ST_i(S_i), T_i[layers_i], beta_i, margins_i)
 
-    OFD, uniform, random and DFA differ only in ``targets``. ST_i is OFD's connector (1x1 conv + BN,
-    student to teacher channels); margins are the teacher's per-layer OFD margins [K, C]. With
-    ``aggregate_first`` the margin ReLU acts once on the aggregation sum_j alpha_j T_j (the paper's
-    F_t(A)) with margins [1, C] of the aggregated feature. With ``kd`` the CE term becomes Hinton's
-    (1 - w) CE + w T^2 KL (the teacher's logits come with its features, at no extra cost).
+    OFD, uniform, random and DFA differ only in ``targets``. With ``kd`` the CE term becomes
+    Hinton's (1 - w) CE + w T^2 KL (the teacher's logits come with its features, at no extra cost).
 
     Args:
         pairs: the teacher/student group pairing.
@@ -113,46 +111,33 @@ class FeatureDistiller(Distiller):
                  weights: Sequence[float], gamma_fd: float = 1e-3, kernels: str = "fused",
                  aggregate_first: bool = False, kd: tuple[float, float] | None = None) -> None:
         super().__init__(student, teacher, student_record)
-        if not len(pairs) == len(targets) == len(margins) == len(weights):
-            raise ValueError("pairs, targets, margins and weights need one entry per group")
-        self.st_connectors = nn.ModuleList(pair.make_st_connector() for pair in pairs)
-        self.layers = [t.layers for t in targets]
-        for i, (target, group_margins) in enumerate(zip(targets, margins)):
-            if not aggregate_first:
-                group_margins = group_margins[list(target.layers)]
-            elif group_margins.shape[0] != 1:
-                raise ValueError(f"aggregate_first needs [1, C] margins per group; group {i} has {list(group_margins.shape)}")
-            self.register_buffer(f"beta_{i}", target.beta.detach().float().clone())
-            self.register_buffer(f"margins_{i}", group_margins.detach().float().clone())
-        self.weights, self.gamma_fd, self.kernels = list(weights), gamma_fd, kernels
-        self.aggregate_first, self.kd = aggregate_first, kd
-        self.has_unused_parameters = any(w == 0 for w in self.weights)  # skipped groups' connectors
-        dfa_ops(kernels)  # an unknown name fails here, not at the first step
+        self.feature_loss = DFALoss.from_targets(pairs, targets, margins, weights, gamma_fd=gamma_fd, kernels=kernels,
+                                                 aggregate_first=aggregate_first)
+        self.kd = kd
+        self.has_unused_parameters = self.feature_loss.has_unused_parameters
+
+    @property
+    def st_connectors(self) -> nn.ModuleList:
+        return self.feature_loss.st_connectors
 
     def aggregation(self) -> list[dict]:
         """Per group, the teacher layers (indices) and the beta it distils towards (JSON-friendly)."""
-        return [{"layers": list(layers), "beta": getattr(self, f"beta_{i}").tolist()}
-                for i, layers in enumerate(self.layers)]
+        return self.feature_loss.aggregation()
+
+    def import_state(self, state: dict) -> None:
+        # Checkpoints written before the loss became a module hold its entries without the prefix.
+        own = state.get("distiller")
+        if isinstance(own, dict) and own and not any(k.startswith("feature_loss.") for k in own):
+            state = {**state, "distiller": {f"feature_loss.{k}": v for k, v in own.items()}}
+        super().import_state(state)
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        ops = dfa_ops(self.kernels)
         with torch.no_grad():
             teacher_out = self.teacher(images, features=True)
         out = self.classifier(images, features=True)
-        feature_loss = out.logits.new_zeros((), dtype=torch.float32)
-        for i, weight in enumerate(self.weights):
-            if weight == 0:
-                continue
-            teacher_maps = [teacher_out.groups[i].layers[j] for j in self.layers[i]]
-            beta = getattr(self, f"beta_{i}")
-            if self.aggregate_first and len(teacher_maps) > 1:  # one map: both places are the same
-                teacher_maps, beta = [ops.aggregate(teacher_maps, beta)], beta.new_zeros(1)
-            mapped = self.st_connectors[i](out.groups[i].last)
-            per_sample = ops.partial_l2(mapped, teacher_maps, beta, getattr(self, f"margins_{i}"))
-            feature_loss = feature_loss + weight * per_sample.float().mean()
         if self.kd is None:
             losses = {"ce": cross_entropy(out.logits, labels)}
         else:
             temperature, kd_weight = self.kd
             losses = hinton_losses(out.logits, teacher_out.logits, labels, temperature=temperature, weight=kd_weight)
-        return out.logits, {**losses, "fd": self.gamma_fd * feature_loss}
+        return out.logits, {**losses, "fd": self.feature_loss(out, teacher_out)}

@@ -5,6 +5,7 @@ from .config import OBJECTIVES, SearchConfig
 from .network import SearchNetwork, teacher_features
 from .result import GroupAggregation, SearchResult, load_search_result, save_search_result
 from .searcher import run_search
+from .session import AggregationSearch
 
-__all__ = ["Architect", "Batch", "GroupAggregation", "OBJECTIVES", "SearchConfig", "SearchNetwork",
+__all__ = ["AggregationSearch", "Architect", "Batch", "GroupAggregation", "OBJECTIVES", "SearchConfig", "SearchNetwork",
            "SearchResult", "load_search_result", "run_search", "save_search_result", "teacher_features"]

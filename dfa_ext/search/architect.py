@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..training.distributed import DistContext, current_context
+from .config import ARCH_BETAS, ARCH_LR, ARCH_WEIGHT_DECAY
 from .network import SearchNetwork
 
 
@@ -44,10 +45,12 @@ class Architect:
         second_order: use the unrolled gradient.
         fd_radius: the finite-difference step is eps = fd_radius / |v| (DARTS: 0.01).
         grad_clip: scale a beta gradient whose norm exceeds this down to it (None: off).
+        lr, adam_betas, weight_decay: beta's Adam; the defaults are ``SearchConfig``'s (the recipe
+            measured in the README), so a search assembled from the parts matches ``dfa search``.
     """
 
-    def __init__(self, net: SearchNetwork, betas: nn.ParameterList, *, lr: float = 3e-4,
-                 adam_betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-3,
+    def __init__(self, net: SearchNetwork, betas: nn.ParameterList, *, lr: float = ARCH_LR,
+                 adam_betas: Sequence[float] = ARCH_BETAS, weight_decay: float = ARCH_WEIGHT_DECAY,
                  second_order: bool = False, fd_radius: float = 0.01, grad_clip: float | None = None,
                  autocast: contextlib.AbstractContextManager | None = None, dist: DistContext | None = None) -> None:
         if not fd_radius > 0:  # the finite difference divides by it

@@ -19,6 +19,11 @@ ORDERS = ("first", "second")
 # warm-up found the seed's alpha; much longer ones drift back towards the first block.
 DEFAULT_STEPS_PER_GROUP = 400
 DEFAULT_WARMUP_SHARE = 2  # warm-up: half of each group's steps (the weights learn, beta waits)
+# beta's Adam (DARTS' lr 3e-4 suits searches of tens of thousands of steps; ours are hundreds).
+# The Architect takes these too, so a search built from the parts is the measured recipe.
+ARCH_LR = 1e-2
+ARCH_BETAS = (0.5, 0.999)
+ARCH_WEIGHT_DECAY = 1e-3
 
 
 @dataclass
@@ -27,7 +32,8 @@ class SearchConfig(RunOptions, DataOptions):
     bridge loss on search-val while the student and connectors train on search-train."""
 
     teacher: str | None = option(None, "teacher checkpoint (last.pt or best.pt of dfa train-teacher)")
-    student: str = option("resnet8", "student network name")
+    student: str | None = option("resnet8", "student network: a name (see `dfa models`) or an import path "
+                                 "pkg.module:factory of your own (the factory returns a TappedNetwork)")
     student_options: dict = option({}, "extra arguments of the student network, as KEY=VALUE")
     out: str = option("runs/search", "output folder (search.json, alpha.png, alpha_trajectory.csv, checkpoints)")
     check_teacher_data: bool = option(True, "refuse a teacher trained on another dataset or image size")
@@ -50,9 +56,9 @@ class SearchConfig(RunOptions, DataOptions):
                                       "distill, e.g. --method vanilla or kd) instead of a fresh initialisation")
     val_fraction: float = option(0.5, "share of the training split held out as search-val (seeded, stratified)")
     batch_size: int = option(64, "global batch size of both splits")
-    arch_lr: float = option(1e-2, "Adam learning rate of beta (DARTS: 3e-4, for searches of tens of thousands of steps)")
-    arch_betas: tuple[float, ...] = option((0.5, 0.999), "Adam betas of beta")
-    arch_weight_decay: float = option(1e-3, "Adam weight decay of beta (the regulariser R)")
+    arch_lr: float = option(ARCH_LR, "Adam learning rate of beta (DARTS: 3e-4, for searches of tens of thousands of steps)")
+    arch_betas: tuple[float, ...] = option(ARCH_BETAS, "Adam betas of beta")
+    arch_weight_decay: float = option(ARCH_WEIGHT_DECAY, "Adam weight decay of beta (the regulariser R)")
     arch_grad_clip: float | None = option(None, "clip the norm of each beta gradient to this value (unset: off)")
     beta_init_std: float = option(0.0, "beta starts at N(0, std^2) (0: uniform alpha)")
     lr: float = option(0.025, "peak SGD learning rate of the student and connectors (cosine decay)")
@@ -77,10 +83,12 @@ class SearchConfig(RunOptions, DataOptions):
                               "beta would never move")
         return steps, warmup
 
-    def validate(self, teacher_given: bool = False) -> None:
+    def validate(self, teacher_given: bool = False, student_given: bool = False) -> None:
         super().validate()
         if not self.teacher and not teacher_given:
             raise ConfigError("teacher is required: the checkpoint written by dfa train-teacher")
+        if not self.student and not student_given:
+            raise ConfigError("student is required: a network name, an import path pkg.module:factory, or a module")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.order not in ORDERS:

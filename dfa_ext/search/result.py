@@ -195,7 +195,7 @@ def load_search_result(path: str | os.PathLike, *, teacher: nn.Module | None = N
         raise TypeError("pass both teacher and input_shape, or neither")
     result = _read(Path(path))
     if teacher is not None:
-        _check_teacher(result, teacher, input_shape, path)
+        check_teacher(result, teacher, input_shape, path)
     return result
 
 
@@ -228,7 +228,7 @@ def _read(path: Path) -> SearchResult:
         raise ConfigError(f"{path}: {error}") from None
 
 
-def _check_teacher(result: SearchResult, teacher: nn.Module, input_shape: tuple[int, int, int],
+def check_teacher(result: SearchResult, teacher: nn.Module, input_shape: tuple[int, int, int],
                    path: str | os.PathLike) -> None:
     shapes = probe_groups(teacher, input_shape)
     mine, theirs = result.layer_counts(), [len(s.names) for s in shapes]

@@ -11,6 +11,7 @@ permission, file size limit) raises CheckpointError and also leaves the old file
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -130,11 +131,19 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | tuple[str, ...] | No
 def model_from_checkpoint(state_or_path: dict | str | os.PathLike, *, key: str = "model") -> nn.Module:
     """Rebuilds the network a checkpoint describes and loads its weights (in eval mode).
 
-    ``state[key]`` holds ``{"name", "num_classes", "in_channels", "kwargs", "state_dict"}``.
+    ``state[key]`` holds ``{"name", "num_classes", "in_channels", "kwargs", "state_dict"}``; a network
+    that was given as a module (``name`` None) cannot be rebuilt: CheckpointError says what to do.
     """
     from .. import models
 
     state = state_or_path if isinstance(state_or_path, dict) else load_checkpoint(state_or_path)
+    record = state.get(key)
+    if isinstance(record, dict) and "name" in record and record["name"] is None:
+        where = "" if isinstance(state_or_path, dict) else f"{state_or_path} "
+        raise CheckpointError(
+            f"the checkpoint {where}holds a {record.get('class', 'custom')} network given as a module, which it "
+            f"cannot rebuild: build the network yourself and load checkpoint['{key}']['state_dict'] (and pass the "
+            "module, e.g. teacher=...), or build it with dfa_ext.models.create('pkg.module:factory') next time")
     try:
         spec = state[key]
         model = models.create(spec["name"], num_classes=spec["num_classes"],
@@ -146,12 +155,13 @@ def model_from_checkpoint(state_or_path: dict | str | os.PathLike, *, key: str =
     return model.eval()
 
 
-def model_record(model: nn.Module, name: str, num_classes: int, in_channels: int,
-                 kwargs: dict | None = None) -> dict:
-    """What :func:`model_from_checkpoint` needs, with a CPU copy of the weights."""
+def model_record(model: nn.Module, name: str | None, num_classes: int, in_channels: int,
+                 kwargs: dict | None = None, **more: Any) -> dict:
+    """What :func:`model_from_checkpoint` needs, with a CPU copy of the weights (``name`` None: a
+    network given as a module, which a checkpoint cannot rebuild; ``more``: e.g. its ``class``)."""
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"name": name, "num_classes": num_classes, "in_channels": in_channels,
-            "kwargs": dict(kwargs or {}), "state_dict": state_dict}
+            "kwargs": dict(kwargs or {}), **more, "state_dict": state_dict}
 
 
 def check_same_run(saved: dict, signature: dict, path: str | os.PathLike) -> None:
@@ -161,3 +171,25 @@ def check_same_run(saved: dict, signature: dict, path: str | os.PathLike) -> Non
         details = ", ".join(f"{k}: {saved.get(k)!r} there, {signature[k]!r} now" for k in differing)
         raise CheckpointError(f"{path} belongs to a different run ({details}); choose another output "
                               f"folder or pass --no-resume after moving it away")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a network's state (every parameter and buffer: name, dtype, shape, bytes): two
+    runs with this fingerprint saw the same weights, whether they came from a file or from memory."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(_tensor_bytes(value))
+    return digest.hexdigest()
+
+
+def structure_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a network's architecture (module classes, parameter and buffer names, shapes and
+    dtypes), not its values: a run resumed with the same kind of network, freshly built, matches."""
+    parts = [f"{path}:{type(module).__qualname__}" for path, module in model.named_modules()]
+    parts += [f"{name}:{value.dtype}:{tuple(value.shape)}" for name, value in model.state_dict().items()]
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()

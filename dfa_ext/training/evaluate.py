@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from ..data.device_batches import DeviceImages
 from ..data.loader import make_loader
+from ..data.user_batches import UserBatches
 from ..losses import at_least_float32
 from .distributed import DistContext, current_context
 
@@ -32,7 +33,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
     """Evaluates ``model`` (in eval mode, restored afterwards) on every sample of ``dataset``.
 
     Under several processes each evaluates its share and the sums are reduced, so every process
-    gets the whole-set numbers. ``on_device``: ``dataset``'s pixels on ``device`` (batches built
+    gets the whole-set numbers. ``dataset`` may be a user's own loader (``UserBatches``): its
+    batches are evaluated as they come (under several processes it must give each its share). ``on_device``: ``dataset``'s pixels on ``device`` (batches built
     there, see ``make_loader``).
 
     Returns:
@@ -43,8 +45,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count; read once at the end
-    loader = make_loader(dataset, batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
-                         on_device=on_device)
+    loader = dataset.epoch(0) if isinstance(dataset, UserBatches) else make_loader(  # a user's own test loader
+        dataset, batch_size, train=False, rank=dist.rank, world_size=dist.world_size, on_device=on_device)
     try:
         for images, labels in loader:
             images = images.to(device, non_blocking=True, memory_format=memory_format)

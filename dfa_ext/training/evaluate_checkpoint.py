@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import option
 from ..data import load_data
-from ..data.registry import DEFAULT_DATASET
+from ..data.registry import DEFAULT_DATASET, available_datasets
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluate import evaluate
@@ -48,6 +48,10 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     name, data_dir, options = config.data, config.data_dir, dict(config.data_options)
     if name is None:  # the training dataset; a given folder or options still win
         name = trained.get("data", DEFAULT_DATASET)
+        if name not in available_datasets():  # data the user passed in Python ("custom")
+            raise ConfigError(f"{config.checkpoint} was trained on your own data ({name!r}), which the command "
+                              f"cannot load: pass --data (one of {', '.join(available_datasets())}), or evaluate "
+                              "it in Python with dfa_ext.training.evaluate(model, test_set)")
         data_dir = data_dir if data_dir is not None else trained.get("data_dir")
         options = options or dict(trained.get("data_options") or {})
     bundle = load_data(name, data_dir, augment=False, **options)

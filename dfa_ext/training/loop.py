@@ -23,6 +23,7 @@ from ..config import option
 from ..data import DataBundle
 from ..data.device_batches import data_on_device
 from ..data.loader import make_loader
+from ..data.user_batches import UserBatches
 from ..errors import ConfigError
 from .checkpoint import atomic_write_text, check_same_run, load_checkpoint, save_checkpoint
 from .distributed import DistContext, current_context, wrap_ddp
@@ -197,7 +198,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     Raises:
         TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is saved.
     """
-    config.validate()
+    LoopConfig.validate(config)  # the loop's own options; the trainer has checked the rest (e.g. a module student)
     dist = dist or current_context()
     out = Path(out_dir)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -220,8 +221,10 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     nonfinite = FiniteGuard(config.on_nonfinite, config.max_consecutive_skips, device,
                             loss_scaling=scaler.is_enabled(), dist=dist)
-    steps_per_epoch = len(make_loader(data.train, per_rank_batch, train=True, seed=config.seed,
-                                      rank=dist.rank, world_size=dist.world_size))
+    # The user's own DataLoader (their sampler, transforms and batch size), or the package's loading.
+    user_batches = data.train if isinstance(data.train, UserBatches) else None
+    steps_per_epoch = len(user_batches) if user_batches is not None else len(make_loader(
+        data.train, per_rank_batch, train=True, seed=config.seed, rank=dist.rank, world_size=dist.world_size))
     if steps_per_epoch == 0:
         raise ConfigError(f"the training set ({len(data.train)} samples) is smaller than one batch ({config.batch_size})")
     train_images = data_on_device(config.data_on_device, data.train, device)
@@ -283,14 +286,14 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
     try:
         with InterruptGuard() as guard:
             while epoch < config.epochs:
-                loader = make_loader(data.train, per_rank_batch, train=True, seed=config.seed, epoch=epoch,
-                                     start_batch=start_batch, num_workers=config.num_workers, on_device=train_images,
-                                     rank=dist.rank, world_size=dist.world_size,
-                                     pin_memory=device.type == "cuda")
+                loader = user_batches.epoch(epoch, start_batch) if user_batches is not None else make_loader(
+                    data.train, per_rank_batch, train=True, seed=config.seed, epoch=epoch, start_batch=start_batch,
+                    num_workers=config.num_workers, on_device=train_images, rank=dist.rank,
+                    world_size=dist.world_size, pin_memory=device.type == "cuda")
                 sums = EpochSums(device, sums)
                 task.train()
                 bar = progress_bar(config.progress and dist.is_main, steps_per_epoch, start_batch,
-                                f"epoch {epoch + 1}/{config.epochs}")
+                                   f"epoch {epoch + 1}/{config.epochs}", fraction=None)  # + the epoch's line
                 batch, lr = start_batch, optimizer.param_groups[0]["lr"]
                 for images, labels in loader:
                     lr = schedule.apply(optimizer, step)

@@ -7,8 +7,10 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-# Without a terminal: a status line at every STATUS_FRACTION of the total, or after
-# STATUS_SECONDS without one, whichever comes first.
+# Without a terminal: a status line at every STATUS_FRACTION of the total (a bar over a whole run,
+# e.g. the search), or after STATUS_SECONDS without one, whichever comes first. A bar over one epoch
+# prints only the time-based lines: the epoch's own report line follows it anyway, so a 60-epoch run
+# of short epochs writes 60 lines, not 600; an epoch long enough to need news gets a line per 30 s.
 STATUS_FRACTION = 0.1
 STATUS_SECONDS = 30.0
 
@@ -18,16 +20,18 @@ class StatusLines:
     one with carriage returns (thousands of which would fill a log file)."""
 
     def __init__(self, total: int, initial: int = 0, desc: str | None = None, *, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.total, self.n, self.desc = total, initial, desc or ""
+                 clock: Callable[[], float] = time.monotonic, fraction: float | None = STATUS_FRACTION) -> None:
+        self.total, self.n, self.desc, self.fraction = total, initial, desc or "", fraction
         self.stream, self.clock = stream or sys.stderr, clock
         self.postfix: dict[str, Any] = {}
         self._started = self._last_time = clock()
         self._first = initial
         self._next = self._next_mark(initial)
 
-    def _next_mark(self, n: int) -> int:
-        step = max(1, round(self.total * STATUS_FRACTION))
+    def _next_mark(self, n: int) -> float:
+        if self.fraction is None:
+            return float("inf")
+        step = max(1, round(self.total * self.fraction))
         return (n // step + 1) * step
 
     def set_description(self, desc: str) -> None:
@@ -39,7 +43,8 @@ class StatusLines:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = self.clock()
-        if self.n >= min(self._next, self.total) or now - self._last_time >= STATUS_SECONDS:
+        at_mark = self.n >= min(self._next, self.total) if self.fraction is not None else False
+        if at_mark or now - self._last_time >= STATUS_SECONDS:
             self._print(now)
 
     def _print(self, now: float) -> None:
@@ -56,13 +61,15 @@ class StatusLines:
         pass
 
 
-def progress_bar(enabled: bool, total: int, initial: int = 0, desc: str | None = None):
-    """A tqdm bar on a terminal, :class:`StatusLines` otherwise, or None when disabled
-    (non-main processes, ``--no-progress``)."""
+def progress_bar(enabled: bool, total: int, initial: int = 0, desc: str | None = None, *,
+                 fraction: float | None = STATUS_FRACTION):
+    """A tqdm bar on a terminal, :class:`StatusLines` otherwise (a line every ``fraction`` of
+    ``total``, None: only after quiet spells), or None when disabled (non-main processes,
+    ``--no-progress``)."""
     if not enabled:
         return None
     if not sys.stderr.isatty():
-        return StatusLines(total, initial, desc)
+        return StatusLines(total, initial, desc, fraction=fraction)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

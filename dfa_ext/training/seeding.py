@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -42,3 +44,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leaves the caller's RNG states (torch's CPU and CUDA generators, numpy's, ``random``'s) as they
+    were: the trainers seed them for their own runs, which must not change what the caller draws next."""
+    torch_state, numpy_state, python_state = rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .. import models
 from ..config import config_dict, option
 from ..losses import cross_entropy
+from ..data import DataBundle, as_bundle, check_bundle, describe
 from ..data.options import DataOptions
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import load_checkpoint, model_from_checkpoint, model_record
+from .checkpoint import load_checkpoint, model_from_checkpoint, model_record, structure_fingerprint
 from .loop import FitResult, LoopConfig, TrainingTask, fit
-from .seeding import seed_everything
+from .networks import network_label, network_record, split_network_option
+from .seeding import preserved_rng, seed_everything
 
 
 @dataclass
@@ -30,9 +34,15 @@ class TeacherConfig(LoopConfig, DataOptions):
 
     epochs: int = option(15, "training epochs")
 
-    model: str = option("resnet20", "network name (see `dfa models`), e.g. resnet56, wrn_40_2, resnet32x4")
+    model: str | None = option("resnet20", "network: a name (see `dfa models`, e.g. resnet56, wrn_40_2, resnet32x4) "
+                               "or an import path pkg.module:factory of your own")
     model_options: dict = option({}, "extra arguments of the network, as KEY=VALUE")
     out: str = option("runs/teacher", "output folder (checkpoints, metrics.csv, config.json)")
+
+    def validate(self, model_given: bool = False) -> None:
+        super().validate()
+        if not self.model and not model_given:
+            raise ConfigError("model is required: a network name, an import path pkg.module:factory, or a module")
 
 
 class ClassifierTask(TrainingTask):
@@ -54,28 +64,48 @@ class ClassifierTask(TrainingTask):
         self.classifier.load_state_dict(state["model"]["state_dict"])
 
 
-def train_teacher(config: TeacherConfig, *, on_step: Callable[[int], Any] | None = None) -> FitResult:
+def train_teacher(config: TeacherConfig, *, model: nn.Module | None = None,
+                  data: DataBundle | Sequence[Dataset] | None = None,
+                  on_step: Callable[[int], Any] | None = None) -> FitResult:
     """Trains ``config.model`` on ``config.data``; see :func:`dfa_ext.training.loop.fit` for the files.
 
     Returns the best and last test top-1 (%) and where the checkpoints are; ``last.pt`` and
-    ``best.pt`` are teacher checkpoints for ``dfa search`` and ``dfa distill``.
+    ``best.pt`` are teacher checkpoints for ``dfa search`` and ``dfa distill``. The caller's RNG
+    states are left as they were.
+
+    Args:
+        model: a network to train instead of ``config.model`` (trained in place; may also be given as
+            ``config.model``). Checkpoints can rebuild it when ``dfa_ext.models.create`` built it (a
+            zoo name or "pkg.module:factory"), else they hold its weights for you to load.
+        data: a ``DataBundle``, or ``(train_dataset, test_dataset)``: map-style datasets of
+            ``(image [C, H, W], label)`` items, used as they are.
     """
-    config.validate()
-    with torch.device("meta"):  # a bad model name or argument fails now, before data loading
-        models.create(config.model, **config.model_options)
-    data = config.load(config.seed)
-    seed_everything(config.seed)
-    spec = data.spec
-    model = models.create(config.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
-                          **config.model_options)
-    record = {"name": config.model, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
-              "kwargs": dict(config.model_options)}
-    out = Path(config.out)
-    settings = config_dict(config)
-    signature = {"model": config.model, "model_options": dict(config.model_options), "data": config.data,
-                 "seed": config.seed, "batch_size": config.batch_size}
-    return fit(ClassifierTask(model, record), data, config, out, kind="teacher", signature=signature,
-               extra_state={"config": settings, "data_spec": config_dict(spec)}, on_step=on_step, settings=settings)
+    _, model = split_network_option(config.model, model, "model")
+    if model is not None:  # the module is the network; the config keeps names only (it is written as JSON)
+        config = dataclasses.replace(config, model=None)
+    config.validate(model_given=model is not None)
+    if model is None and not models.is_import_path(config.model):  # a user's factory may load files: not on meta
+        with torch.device("meta"):  # a bad model name or argument fails now, before data loading
+            models.create(config.model, **config.model_options)
+    with preserved_rng():
+        bundle = check_bundle(as_bundle(data, require_test=True)) if data is not None else config.load(config.seed)
+        data_record = describe(bundle) if data is not None else {"data": config.data, "augment": config.augment}
+        seed_everything(config.seed)
+        spec = bundle.spec
+        if model is None:
+            model = models.create(config.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                                  **config.model_options)
+            record = network_record(model, spec.num_classes, spec.in_channels, config.model, config.model_options)
+        else:
+            record = network_record(model, spec.num_classes, spec.in_channels)
+        out = Path(config.out)
+        settings = {**config_dict(config), **data_record, "model": network_label(record)}
+        signature = {"model": network_label(record), "model_options": record["kwargs"],
+                     "model_structure": structure_fingerprint(model), "data": data_record["data"],
+                     "data_size": len(bundle.train), "seed": config.seed, "batch_size": config.batch_size}
+        return fit(ClassifierTask(model, record), bundle, config, out, kind="teacher", signature=signature,
+                   extra_state={"config": settings, "data_spec": config_dict(spec)}, on_step=on_step,
+                   settings=settings)
 
 
 def load_teacher(path: str, spec, *, check_data: bool = True) -> tuple[models.TappedNetwork, dict]:
