@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup build demo test test-python test-cpp test-bench-smoke test-lesser-cpu bench clean
+.PHONY: setup build demo test test-python test-cpp test-bench-smoke test-examples test-lesser-cpu bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,7 +32,7 @@ $(VENV)/.built: $(VENV)/.installed $(CSRC)
 demo: build
 	$(VENV)/bin/dfa demo
 
-test: test-python test-cpp test-bench-smoke test-lesser-cpu
+test: test-python test-cpp test-bench-smoke test-examples test-lesser-cpu
 
 test-python: build
 	$(PY) -m pytest python_tests
@@ -41,6 +41,19 @@ test-python: build
 # compilation on the CPU), so that the benchmarks cannot rot.
 test-bench-smoke: build
 	$(PY) -m pytest bench --benchmark-disable -m "not compile" -q -p no:cacheprovider
+
+# The examples (examples/README.md) at tiny sizes, so that they cannot rot: the own-loop one in each
+# mode, the image-folder one on a synthetic folder it writes, the ops alone. A fresh output folder
+# each time (the runs resume a folder they filled before).
+EXAMPLES_OUT := build/examples
+test-examples: build
+	rm -rf $(EXAMPLES_OUT)
+	$(PY) examples/own_networks_own_loop.py --epochs 2 --search-steps 4 --mode eager --out $(EXAMPLES_OUT)/own-loop-eager
+	$(PY) examples/own_networks_own_loop.py --epochs 2 --search-steps 4 --mode compile --out $(EXAMPLES_OUT)/own-loop-compile
+	$(PY) examples/own_networks_own_loop.py --epochs 2 --search-steps 4 --mode bf16 --out $(EXAMPLES_OUT)/own-loop-bf16
+	$(PY) examples/torchvision_teacher_image_folder.py --make-tiny-folder $(EXAMPLES_OUT)/images \
+		--teacher-epochs 2 --epochs 2 --search-steps 4 --out $(EXAMPLES_OUT)/image-folder
+	$(PY) examples/ops_alone.py
 
 # The tests whose float bounds are derived or calibrated (marker `rounding`, python_tests/rounding.py)
 # once more with the kernels of a CPU without AVX2: oneDNN's SSE4.1 convolutions, ATen's and

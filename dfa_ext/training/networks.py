@@ -41,7 +41,3 @@ def split_network_option(value: Any, given: nn.Module | None, what: str) -> tupl
                           f"got {type(value).__name__}")
     return value, given
 
-
-def build_network(name: str, options: dict, num_classes: int, in_channels: int) -> nn.Module:
-    """A fresh network by name (``dfa_ext.models.create``), with the dataset's classes and channels."""
-    return models.create(name, num_classes=num_classes, in_channels=in_channels, **options)
