@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,6 @@ import pytest
 import torch
 
 from dfa_ext import models
-from dfa_ext.training import load_checkpoint
 from dfa_ext.training.checkpoint import model_record, save_checkpoint
 from dfa_ext.training.interrupt import STOP_CHECK_EVERY
 

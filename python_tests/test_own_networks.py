@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
-from dfa_ext import AggregationSearch, DFALoss, SearchConfig, run_distill, run_search, train_teacher
+from dfa_ext import AggregationSearch, SearchConfig, run_distill, run_search, train_teacher
 from dfa_ext.distill import DistillConfig
 from dfa_ext.errors import CheckpointError, ConfigError
 from dfa_ext.models import HookedNetwork
