@@ -16,6 +16,7 @@ student path), student and beta for bridge_st_loss and partial_l2; teacher maps 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -26,7 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dfa_ext  # noqa: E402
 from dfa_ext import ops, reference  # noqa: E402
-from harness import copy_bandwidth, markdown_table, median_time, peak_extra_bytes  # noqa: E402
+from harness import (cold_copies, copy_bandwidth, last_level_cache_bytes, markdown_table, median_time,  # noqa: E402
+                     peak_extra_bytes)
 
 DEFAULT_SHAPES = ["64x64x16x16x6", "128x128x8x8x9"]  # B x C x H x W x K
 
@@ -36,37 +38,51 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int]:
     return b, c, h, w, k
 
 
-def make_case(op: str, shape, dtype, device, margins: bool, backward: bool = True):
+def make_case(op: str, shape, dtype, device, margins: bool, backward: bool = True, copies: int | None = None):
     """Inputs and the forward+backward step (``backward=False``: the forward alone) for each
-    implementation of one op, and the bytes a minimal fused implementation moves for it."""
+    implementation of one op, and the bytes a minimal fused implementation moves for it.
+
+    ``copies`` independent input sets are made and each call of a step takes the next one, so that
+    its inputs are out of the last-level cache (None: as many as ``harness.cold_copies`` says; 1:
+    the same inputs every call, which then stay cached when they fit)."""
     b, c, h, w, k = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
-    features = [torch.randn(b, c, h, w, generator=gen).to(device, dtype) for _ in range(k)]
-    beta = torch.randn(k, generator=gen).to(device).requires_grad_()
-    student = torch.randn(b, c, h, w, generator=gen).to(device, dtype).requires_grad_()
-    m = (0.5 * torch.randn(k, c, generator=gen) - 1).to(device) if margins else None
-    grad_map = torch.randn(b, c, h, w, generator=gen).to(device, dtype)
-    grad_loss = torch.rand(b, generator=gen).to(device)
 
+    def input_set():
+        features = [torch.randn(b, c, h, w, generator=gen).to(device, dtype) for _ in range(k)]
+        beta = torch.randn(k, generator=gen).to(device).requires_grad_()
+        student = torch.randn(b, c, h, w, generator=gen).to(device, dtype).requires_grad_()
+        m = (0.5 * torch.randn(k, c, generator=gen) - 1).to(device) if margins else None
+        grad_map = torch.randn(b, c, h, w, generator=gen).to(device, dtype)
+        grad_loss = torch.rand(b, generator=gen).to(device)
+        if op == "aggregate":
+            return (features, beta, m), [beta], grad_map
+        if op == "bridge_st_loss":
+            return (student, features, beta), [student, beta], grad_loss
+        return (student, features, beta, m), [student, beta], grad_loss
+
+    map_bytes = b * c * h * w * torch.empty((), dtype=dtype).element_size()
+    if copies is None:
+        copies = cold_copies((k + 2) * map_bytes, torch.device(device))  # K maps, student, map-sized gradient
+    sets = [input_set() for _ in range(copies)]
     if op == "aggregate":
-        args, wrt, grad = (features, beta, m), [beta], grad_map
         maps_moved = 2 * (k + 1)  # fwd: K in + 1 out; bwd: grad + K maps in
-    elif op == "bridge_st_loss":
-        args, wrt, grad = (student, features, beta), [student, beta], grad_loss
-        maps_moved = 2 * (k + 1) + 1  # fwd: K + s in; bwd: K + s in, ds out
     else:
-        args, wrt, grad = (student, features, beta, m), [student, beta], grad_loss
-        maps_moved = 2 * (k + 1) + 1
+        maps_moved = 2 * (k + 1) + 1  # fwd: K + s in; bwd: K + s in, ds out
     if not backward:
         maps_moved = k + 1  # K maps (and the student) in; aggregate: K in + 1 out
-    nbytes = maps_moved * features[0].numel() * features[0].element_size()
+    nbytes = maps_moved * map_bytes
 
     def step(fn: Callable) -> Callable[[], object]:
+        turn = itertools.cycle(sets)
+
         def run():
+            args, wrt, grad = next(turn)
             out = fn(*args)
             return torch.autograd.grad(out, wrt, grad)
 
         def run_forward():
+            args, _, _ = next(turn)
             with torch.no_grad():
                 return fn(*args)
         return run if backward else run_forward
@@ -84,6 +100,8 @@ def main() -> None:
     parser.add_argument("--ops", nargs="+", default=["aggregate", "bridge_st_loss", "partial_l2"])
     parser.add_argument("--no-margins", action="store_true", help="aggregate/partial_l2 without margins")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warm", action="store_true", help="the same inputs every call (cached when they fit; "
+                        "default: rotate input sets larger than the last-level cache)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
 
@@ -101,7 +119,8 @@ def main() -> None:
             shape = parse_shape(shape_text)
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
-                impls, nbytes = make_case(op, shape, dtype, device, margins=not args.no_margins)
+                impls, nbytes = make_case(op, shape, dtype, device, margins=not args.no_margins,
+                                          copies=1 if args.warm else None)
                 secs = {name: median_time(fn, device, repeats=args.repeats) for name, fn in impls.items()}
                 extra = {name: peak_extra_bytes(fn, device) / 2**20 for name, fn in impls.items()}
                 rows.append([
@@ -113,8 +132,11 @@ def main() -> None:
                     f"{extra['fused']:.1f}", f"{extra['eager']:.1f}", f"{extra['compiled']:.1f}",
                 ])
                 print(" ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
+    cache = last_level_cache_bytes(device)
     title = (f"Forward+backward on {where}; torch {torch.__version__}, dfa_ext {dfa_ext.__version__}; "
-             f"copy bandwidth {copy_bps / 1e9:.1f} GB/s (read+write, same run).")
+             f"copy bandwidth {copy_bps / 1e9:.1f} GB/s (read+write, same run); "
+             + ("inputs reused (warm)." if args.warm else
+                f"inputs cache-cold (rotated sets totalling >= 4x the {cache / 2**20:.0f} MiB last-level cache)."))
     table = markdown_table(header, rows)
     print(title + "\n\n" + table)
     if args.markdown:

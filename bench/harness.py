@@ -2,11 +2,16 @@
 
 Times are medians over repeated runs after warm-up; on CUDA the device is synchronised around
 each run.  Achieved bandwidth is compared with a device-local copy measured in the same run.
+Memory-bound ops are timed cache-cold: their callers rotate through enough input sets
+(``cold_copies``) that each set has left the last-level cache (``last_level_cache_bytes``) before
+it is read again; otherwise a table of inputs a few times the cache's size measures the cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import statistics
 import time
 from typing import Callable, Sequence
@@ -34,6 +39,30 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 3,
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The last-level cache a benchmark's inputs must not fit in: a GPU's L2, or the largest CPU
+    cache sysfs lists (cpu0's; 32 MiB assumed when sysfs says nothing)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    largest = 0
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(index, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        largest = max(largest, int(text.rstrip("KkMmGg")) * scale)
+    return largest or 32 << 20
+
+
+def cold_copies(set_bytes: int, device: torch.device, factor: int = 4) -> int:
+    """How many input sets to rotate through so that a set is out of the last-level cache when its
+    turn comes: together they hold ``factor`` x the cache (each set is then read at most every
+    ``factor`` cache-fulls)."""
+    return max(2, -(-factor * last_level_cache_bytes(device) // max(set_bytes, 1)))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
