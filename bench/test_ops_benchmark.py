@@ -9,9 +9,9 @@ Each combination is one pytest-benchmark group, so one table compares the three 
     pytest bench --benchmark-disable -m "not compile"      # one call each: a smoke test (make test)
 
 Inputs are cache-cold: each call takes the next of several input sets that together hold 4x the
-last-level cache (``harness.cold_copies``). ``extra_info`` holds the roofline columns of bench_ops.py: achieved GB/s (bytes a minimal fused
-implementation moves / median time), % of the copy bandwidth measured in the same session, and
-the peak memory allocated beyond the inputs (MiB).
+last-level cache (``harness.cold_copies``). ``extra_info`` holds the roofline columns of
+bench_ops.py: achieved GB/s (bytes a minimal fused implementation moves / median time), % of the
+copy bandwidth measured in the same session, and the peak memory allocated beyond the inputs (MiB).
 """
 
 from __future__ import annotations
