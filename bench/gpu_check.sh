@@ -161,10 +161,11 @@ EOF
 record "import + smoke test" $?
 
 # ------------------------------------------------------------------------------------------------
-# K = 65 diagnosis (issue 16): on the H200 a direct torch.ops.dfa.* call with 65 maps on CUDA killed
-# the process (SIGSEGV) although the C++ check (TORCH_CHECK_VALUE in the Launch constructor,
-# csrc/cuda/dfa_cuda.cu) should raise a ValueError.  Each op's forward (no grad) runs in a child
-# python with -X faulthandler and TORCH_SHOW_CPP_STACKTRACES=1; K = 64 is the control (computes);
+# K = 65 diagnosis (issues 16, 25): on the H200 a direct torch.ops.dfa.* call with 65 maps on CUDA
+# killed the process (SIGSEGV) although the C++ check (TORCH_CHECK_VALUE in the Launch constructor,
+# csrc/cuda/dfa_cuda.cu) should raise a ValueError.  Cases (a)-(e) below tell the candidate causes
+# apart; each op's forward (no grad) runs in a child python with -X faulthandler and
+# TORCH_SHOW_CPP_STACKTRACES=1; K = 64 is the control (computes);
 # a crashing call is rerun under gdb for the native backtrace.  Everything goes to $LOGS/k65.txt;
 # one verdict line per case is printed.  Exit status: 0 all clean, 1 a case was not, 3 no GPU.
 if [ "${SKIP_K65:-0}" != 1 ]; then
@@ -178,19 +179,24 @@ report = logs / "k65.txt"
 OPS = ("aggregate", "bridge_st_loss", "partial_l2")
 CHILD = r'''
 import sys, torch, dfa_ext
-K, device, names = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+K, device, mode, names = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cxx11 abi {torch.compiled_with_cxx11_abi()}), "
       f"dfa_ext from {dfa_ext.__file__}, kernels {dfa_ext.kernels()}", flush=True)
 f = [torch.zeros(2, 3, 4, device=device) for _ in range(K)]
-student, beta = torch.zeros(2, 3, 4, device=device), torch.zeros(K, device=device)
+student = torch.zeros(2, 3, 4, device=device)
+beta = torch.zeros(K + 1 if mode == "bad-beta" else K, device=device)  # bad-beta: refused by the C++ checks
 margins = torch.zeros(K, 3, device=device)
 args = {"aggregate": (f, beta, margins), "bridge_st_loss": (student, f, beta),
         "partial_l2": (student, f, beta, margins)}
 for name in names:
-    print(f"calling torch.ops.dfa.{name} with K = {K} on {device} (no grad)", flush=True)
+    print(f"calling torch.ops.dfa.{name} with K = {K} on {device} ({mode}, no grad)", flush=True)
     try:
         with torch.no_grad():
-            out = getattr(torch.ops.dfa, name)(*args[name])
+            if mode == "below-autograd":  # straight to the device kernel: the Python autograd kernel is skipped
+                with torch._C._AutoDispatchBelowAutograd():
+                    out = getattr(torch.ops.dfa, name)(*args[name])
+            else:
+                out = getattr(torch.ops.dfa, name)(*args[name])
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         finite = bool(torch.isfinite(out).all())
@@ -220,10 +226,12 @@ def status(rc):
     return f"exit {rc}"
 
 
-def verdict(K, name, rc, out):
+def verdict(K, name, rc, out, mode):
     lines = [l for l in out.splitlines() if l.startswith(f"RESULT {name}:")]
     said = lines[0].split(":", 1)[1].strip() if lines else None
-    if K > 64:
+    if mode == "bad-beta":
+        ok = rc == 0 and said is not None and said.startswith("ValueError") and "'beta'" in said
+    elif K > 64:
         ok = rc == 0 and said is not None and said.startswith("ValueError") and "at most 64" in said
     else:
         ok = rc == 0 and said is not None and said.startswith("computed")
@@ -254,22 +262,47 @@ if device.startswith("cuda"):
         print("no CUDA GPU visible: the K = 65 diagnosis is skipped")
         write("skipped: no CUDA GPU visible")
         sys.exit(3)
-cases = [(65, (name,)) for name in OPS] + [(64, OPS)]  # K = 65 one op per process: each may crash
-results, crashed = [], []
-for K, names in cases:
-    cmd = [sys.executable, "-X", "faulthandler", str(script), str(K), device, *names]
+# Issue 25's distinguishing runs, one process each (a call may crash it):
+#   (a) CPU maps, wrong beta length: a C++ exception on the CPU path (the control of (b));
+#   (b) CUDA maps, K = 3, wrong beta length: thrown in g++-compiled checks, unwinding through the
+#       nvcc-compiled CUDA entry;
+#   (c) CUDA, K = 65 through torch.ops (the crash seen on the H200), one op per process;
+#   (d) the same below the autograd layer (torch._C._AutoDispatchBelowAutograd: the Python autograd
+#       kernel of the op is skipped);
+#   (e) CUDA, K = 64: the control that computes.
+# Reading: (b) dies -> every exception out of the CUDA entry crashes; (c) dies but (d) does not -> the
+# autograd layer; (c) and (d) die but (b) does not -> the throw from nvcc-compiled code (Launch).
+cpu_device = "cpu"
+cases = [("a", 3, cpu_device, "bad-beta", (name,)) for name in OPS] + \
+        [("b", 3, device, "bad-beta", (name,)) for name in OPS] + \
+        [("c", 65, device, "ops", (name,)) for name in OPS] + \
+        [("d", 65, device, "below-autograd", (name,)) for name in OPS] + [("e", 64, device, "ops", OPS)]
+results, crashed, died = [], [], {}
+for case, K, where, mode, names in cases:
+    cmd = [sys.executable, "-X", "faulthandler", str(script), str(K), where, mode, *names]
     rc, out, seconds = run(cmd, 60)
-    write(f"\n==== K = {K}: {' '.join(names)}\n$ TORCH_SHOW_CPP_STACKTRACES=1 {' '.join(cmd)}\n"
-          f"{status(rc)} after {seconds:.1f} s; last lines:")
+    write(f"\n==== ({case}) K = {K} on {where}, {mode}: {' '.join(names)}\n"
+          f"$ TORCH_SHOW_CPP_STACKTRACES=1 {' '.join(cmd)}\n{status(rc)} after {seconds:.1f} s; last lines:")
     write("\n".join(out.splitlines()[-60:]))
+    died[case] = died.get(case, False) or rc is None or rc != 0
     for name in names:
-        ok, said = verdict(K, name, rc, out)
+        ok, said = verdict(K, name, rc, out, mode)
         results.append(ok)
-        line = f"{'ok  ' if ok else 'BAD '} K = {K} {name:<15} {said}"
+        line = f"{'ok  ' if ok else 'BAD '} ({case}) K = {K} {where} {mode:<14} {name:<15} {said}"
         print(line, flush=True)
         write("verdict: " + line)
-    if K > 64 and (rc is None or rc != 0):
+    if case == "c" and (rc is None or rc != 0):
         crashed.append(names[0])
+if died.get("b"):
+    reading = "(b) died: every exception leaving the CUDA entry crashes the process"
+elif died.get("c") and not died.get("d"):
+    reading = "(c) died, (d) did not: the crash is in the autograd layer (the Python autograd kernel)"
+elif died.get("c") and died.get("d"):
+    reading = "(c) and (d) died, (b) did not: the throw from nvcc-compiled code (Launch) crashes"
+else:
+    reading = "no K = 65 call died: nothing to diagnose on this machine"
+print("reading: " + reading, flush=True)
+write("reading: " + reading)
 gdb = shutil.which("gdb")
 if not crashed:
     write("\n==== gdb: not run (no K = 65 call crashed)")
@@ -279,7 +312,7 @@ elif gdb is None:
 else:
     cmd = [gdb, "-q", "-nx", "-batch", "-iex", "set debuginfod enabled off", "-ex", "set pagination off",
            "-ex", "run", "-ex", "bt 60", "-ex", "info registers rip",
-           "--args", sys.executable, "-X", "faulthandler", str(script), "65", device, crashed[0]]
+           "--args", sys.executable, "-X", "faulthandler", str(script), "65", device, "ops", crashed[0]]
     env["DEBUGINFOD_URLS"] = ""
     rc, out, seconds = run(cmd, 80)  # loading libtorch_cuda's symbols takes a while
     write(f"\n==== gdb on K = 65 {crashed[0]}\n$ {' '.join(cmd)}\n{status(rc)} after {seconds:.1f} s; output:")
