@@ -180,7 +180,8 @@ def milliseconds(step, repeats: int) -> float:
 def timing(batch: int, channels: int, size: int, layers: int, repeats: int) -> None:
     features, student, beta, margins = make_inputs(batch, channels, size, layers, seed=2)
     print(f"\nforward + backward (student and beta), [{batch}, {channels}, {size}, {size}] x {layers} maps, "
-          f"median of {repeats}, {torch.get_num_threads()} threads:")
+          f"median of {repeats}, {torch.get_num_threads()} threads (inputs reused, so warm in the cache when "
+          "they fit; bench/bench_ops.py measures the ops cache-cold against the copy bandwidth):")
     # Dense upstream gradients, as a loss after the op would give (an expanded one from out.sum()
     # is a stride-0 tensor: another, slower path for the fused aggregate's backward).
     grad_map, grad_loss = torch.randn(student.shape), torch.ones(batch)

@@ -33,6 +33,7 @@ from torchvision import datasets, transforms
 
 import dfa_ext
 from dfa_ext.models import HookedNetwork, create, pair_networks
+from own_networks_own_loop import Block  # conv-BN-ReLU with its ReLU a module (this folder is on sys.path)
 
 # Per class: an RGB colour and the direction of its stripes (rows, columns, diagonals).
 PALETTE = [(220, 60, 40), (40, 180, 70), (50, 80, 220), (210, 190, 40), (170, 60, 200), (40, 190, 200)]
@@ -64,19 +65,6 @@ def image_folders(data_dir: Path, image_size: int) -> tuple[datasets.ImageFolder
     ])
     return (datasets.ImageFolder(str(data_dir / "train"), transform=transform),
             datasets.ImageFolder(str(data_dir / "test"), transform=transform))
-
-
-class Block(nn.Module):
-    """conv-BN-ReLU; the ReLU is a module named ``relu`` so the hooks can tap its input."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))
 
 
 class FourStageCNN(nn.Module):

@@ -342,3 +342,14 @@ def independent_partial_l2(student: torch.Tensor, maps, beta: torch.Tensor, marg
     alpha = torch.exp(beta) / torch.exp(beta).sum()
     t = sum(a * torch.maximum(m, mg.view(1, -1, 1, 1)) for a, m, mg in zip(alpha, maps, margins))
     return masked_squared_error(student, t)
+
+
+def assert_top1_near_ties(logits: torch.Tensor, labels: torch.Tensor, reported: float) -> None:
+    """``reported`` (a trainer's test top-1, %) is the top-1 of ``logits`` [N, classes] computed here
+    in one batch, up to the samples whose two largest logits lie within 1e-4 of their size: the
+    trainer evaluates in batches and in its own layout, so its logits differ by float32 rounding (a
+    few u of their size, far below 1e-4), which can flip only such near-ties (none, as a rule)."""
+    top = logits.topk(2, 1).values
+    ties = int(((top[:, 0] - top[:, 1]) <= 1e-4 * top.abs().amax(1)).sum())
+    mine = 100.0 * (logits.argmax(1) == labels).double().mean().item()
+    assert abs(mine - reported) <= 100.0 * ties / len(labels) + 1e-9, (mine, reported, ties)

@@ -23,7 +23,7 @@ from dfa_ext.search.result import file_sha256, load_search_result
 from dfa_ext.training import TrainingInterrupted, load_checkpoint, model_from_checkpoint
 from dfa_ext.training.checkpoint import model_record, save_checkpoint, weights_fingerprint
 
-from dfa_helpers import independent_partial_l2, masked_squared_error, randomize_bn
+from dfa_helpers import assert_top1_near_ties, independent_partial_l2, masked_squared_error, randomize_bn
 from rounding import assert_float64_runs_agree, assert_rounding_like_control, default_dtype
 from test_margins import _ofd_margin  # OFD's published formula, in float64
 
@@ -425,17 +425,12 @@ def _weights(path):
 
 def _assert_test_top1(checkpoint, data, reported: float) -> None:
     """The test top-1 (%) a trainer reported is its checkpoint's, evaluated here without the
-    trainer's code. The trainer evaluates in batches in its own layout, this in one batch: logits
-    may differ by float32 rounding (a few u of their size, far below 1e-4 of it), so a digit whose
-    two largest logits lie that close may be counted differently (none, as a rule)."""
+    trainer's code (up to near-ties of the two largest logits: see assert_top1_near_ties)."""
     images = torch.stack([image for image, _ in data.test])
     labels = torch.tensor([int(label) for _, label in data.test])
     with torch.no_grad():
         logits = model_from_checkpoint(checkpoint).eval()(images)
-    top = logits.topk(2, 1).values
-    ties = int(((top[:, 0] - top[:, 1]) <= 1e-4 * top.abs().amax(1)).sum())
-    mine = 100.0 * (logits.argmax(1) == labels).double().mean().item()
-    assert abs(mine - reported) <= 100.0 * ties / len(labels) + 1e-9, (mine, reported, ties)
+    assert_top1_near_ties(logits, labels, reported)
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:

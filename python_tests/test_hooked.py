@@ -252,6 +252,18 @@ def test_a_block_calling_f_relu_is_refused():
     assert "tap_output=True" in message and "relu=" in message
 
 
+def test_an_activation_other_than_relu_is_refused():
+    # the group input activation of the teacher-to-student path, and the OFD margins, are ReLU's:
+    # a GELU block tapped at its activation would silently get both wrong
+    class GeluBlock(nn.Sequential):
+        def __init__(self) -> None:
+            super().__init__(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.GELU())
+
+    with pytest.raises(ModelError, match=r"'blocks.0': its '2' module is a GELU, not an nn.ReLU") as info:
+        HookedNetwork(Toy([GeluBlock()]), [["blocks.0"]], relu="2")
+    assert "\n" not in str(info.value)
+
+
 def test_tap_output_lists_blocks_and_checks_them():
     # trap: tap_output must name real blocks; one listed block is output-tapped, the rest at relu
     toy = Toy([NoRelu(), ThreeCalls()]).eval()

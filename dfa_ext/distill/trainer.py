@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from .. import models
 from ..config import config_dict
-from ..data import DataBundle, as_bundle, check_bundle, describe
+from ..data import DataBundle, as_bundle, describe
 from ..data.user_batches import UserBatches
 from ..errors import CheckpointError, ConfigError
 from ..margins import empirical_margins, teacher_margins
@@ -81,7 +81,7 @@ def prepare_distill(config: DistillConfig, *, teacher: nn.Module | None = None, 
     if student is None and not models.is_import_path(config.student):  # a user's factory may load files
         with torch.device("meta"):  # a bad student name or argument fails now, before data loading
             models.create(config.student, **config.student_options)
-    bundle = check_bundle(as_bundle(data, require_test=True)) if data is not None else config.load(config.seed)
+    bundle = as_bundle(data, require_test=True) if data is not None else config.load(config.seed)
     spec = bundle.spec
     data_record = describe(bundle) if data is not None else {"data": config.data, "augment": config.augment}
     teacher_info: dict[str, Any] = {}

@@ -228,6 +228,11 @@ class HookedNetwork(TappedNetwork):
                         "already be post-activation (F.relu): give the block an nn.ReLU module "
                         "(and name it with relu=...), or pass tap_output=True (or a list of block "
                         "paths) if its output is the pre-activation feature") from None
+                if not isinstance(act, nn.ReLU):  # the margins and the group input activation are ReLU's
+                    raise ModelError(
+                        f"block {path!r}: its {relu!r} module is a {type(act).__name__}, not an nn.ReLU; "
+                        "DFA's OFD margins and the teacher-to-student path assume ReLU (pass tap_output= "
+                        "for blocks whose output is the pre-activation feature)")
             bn_path = margin_bn.get(path) if isinstance(margin_bn, Mapping) else margin_bn
             if bn_path is not None:
                 self._bns[path] = _named_bn(path, block, bn_path)

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from .. import models
 from ..config import config_dict
-from ..data import DataBundle, as_bundle, check_bundle, describe
+from ..data import DataBundle, as_bundle, describe
 from ..data.device_batches import data_on_device
 from ..data.loader import batch_stream
 from ..data.split import split_train_val
@@ -79,7 +79,7 @@ def _run_search(config: SearchConfig, teacher: nn.Module | None, student: nn.Mod
     device = resolve_device(config.device)
     set_deterministic(config.deterministic)
     out = Path(config.out)
-    bundle = check_bundle(as_bundle(data)) if data is not None else config.load(config.seed)
+    bundle = as_bundle(data) if data is not None else config.load(config.seed)
     if isinstance(bundle.train, UserBatches):
         raise ConfigError("run_search splits its data into search-train and search-val itself: pass the map-style "
                           "dataset (your_loader.dataset), or drive dfa_ext.AggregationSearch with your own batches")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from .. import models
 from ..config import config_dict, option
 from ..losses import cross_entropy
-from ..data import DataBundle, as_bundle, check_bundle, describe
+from ..data import DataBundle, as_bundle, describe
 from ..data.options import DataOptions
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, model_from_checkpoint, model_record, structure_fingerprint
@@ -88,7 +88,7 @@ def train_teacher(config: TeacherConfig, *, model: nn.Module | None = None,
         with torch.device("meta"):  # a bad model name or argument fails now, before data loading
             models.create(config.model, **config.model_options)
     with preserved_rng():
-        bundle = check_bundle(as_bundle(data, require_test=True)) if data is not None else config.load(config.seed)
+        bundle = as_bundle(data, require_test=True) if data is not None else config.load(config.seed)
         data_record = describe(bundle) if data is not None else {"data": config.data, "augment": config.augment}
         seed_everything(config.seed)
         spec = bundle.spec
