@@ -1,6 +1,7 @@
 // The one place where the DFA op schemas are defined (namespace `dfa`, so torch.ops.dfa.<name>).
-// Device kernels register themselves in cpu/ and cuda/; fake (meta) kernels and the autograd
-// formulas are registered from Python (dfa_ext/_fake.py, dfa_ext/_autograd.py).
+// Device kernels register themselves in cpu/ and cuda/, the autograd formulas in autograd.cpp; fake
+// (meta) kernels and the backward ops' once-differentiable guard are registered from Python
+// (dfa_ext/_fake.py, dfa_ext/_autograd.py).
 #ifndef DFA_NO_PYTHON_MODULE  // defined by the CMake build (CMakeLists.txt), which has no Python module
 #include <Python.h>
 #endif
