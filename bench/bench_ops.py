@@ -1,6 +1,6 @@
 """Benchmark of the fused DFA ops against the pure-PyTorch reference, eager and torch.compile'd.
 
-For each op, shape and dtype it times forward + backward on the same inputs for: the fused op
+For each op, shape, dtype and pass (forward alone, forward + backward) it times, on the same inputs: the fused op
 (dfa_ext.ops), the reference in eager mode and the reference under torch.compile, and prints a
 Markdown table with the median time, the fused op's speed-up over both, the achieved bandwidth of
 each (bytes a minimal fused implementation must move, divided by time) against a copy measured in
@@ -11,6 +11,7 @@ student path), student and beta for bridge_st_loss and partial_l2; teacher maps 
 
     python bench/bench_ops.py                       # CPU, float32, the issue's shapes
     python bench/bench_ops.py --device cuda --dtypes float32 bfloat16 --shapes 256x256x32x32x8
+    python bench/bench_ops.py --passes both           # forward + backward only
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxCxHxWxK")
     parser.add_argument("--ops", nargs="+", default=["aggregate", "bridge_st_loss", "partial_l2"])
+    parser.add_argument("--passes", nargs="+", choices=["forward", "both"], default=["forward", "both"],
+                        help="forward alone and/or forward + backward")
     parser.add_argument("--no-margins", action="store_true", help="aggregate/partial_l2 without margins")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warm", action="store_true", help="the same inputs every call (cached when they fit; "
@@ -111,20 +114,20 @@ def main() -> None:
         where = torch.cuda.get_device_name(device)
     else:
         where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    header = ["op", "shape BxCxHxWxK", "dtype", "fused ms", "eager ms", "compiled ms", "vs eager", "vs compiled",
+    header = ["op", "pass", "shape BxCxHxWxK", "dtype", "fused ms", "eager ms", "compiled ms", "vs eager", "vs compiled",
               "fused GB/s", "% of copy", "compiled GB/s", "fused extra MB", "eager extra MB", "compiled extra MB"]
     rows = []
     for op in args.ops:
         for shape_text in args.shapes:
             shape = parse_shape(shape_text)
-            for dtype_name in args.dtypes:
+            for dtype_name, passes in itertools.product(args.dtypes, args.passes):
                 dtype = getattr(torch, dtype_name)
                 impls, nbytes = make_case(op, shape, dtype, device, margins=not args.no_margins,
-                                          copies=1 if args.warm else None)
+                                          backward=passes == "both", copies=1 if args.warm else None)
                 secs = {name: median_time(fn, device, repeats=args.repeats) for name, fn in impls.items()}
                 extra = {name: peak_extra_bytes(fn, device) / 2**20 for name, fn in impls.items()}
                 rows.append([
-                    op, shape_text, dtype_name,
+                    op, "fwd+bwd" if passes == "both" else "fwd", shape_text, dtype_name,
                     f"{secs['fused'] * 1e3:.2f}", f"{secs['eager'] * 1e3:.2f}", f"{secs['compiled'] * 1e3:.2f}",
                     f"{secs['eager'] / secs['fused']:.2f}x", f"{secs['compiled'] / secs['fused']:.2f}x",
                     f"{nbytes / secs['fused'] / 1e9:.1f}", f"{100 * nbytes / secs['fused'] / copy_bps:.0f}%",
@@ -133,7 +136,7 @@ def main() -> None:
                 ])
                 print(" ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
     cache = last_level_cache_bytes(device)
-    title = (f"Forward+backward on {where}; torch {torch.__version__}, dfa_ext {dfa_ext.__version__}; "
+    title = (f"{' and '.join(args.passes).replace('both', 'forward+backward').capitalize()} on {where}; torch {torch.__version__}, dfa_ext {dfa_ext.__version__}; "
              f"copy bandwidth {copy_bps / 1e9:.1f} GB/s (read+write, same run); "
              + ("inputs reused (warm)." if args.warm else
                 f"inputs cache-cold (rotated sets totalling >= 4x the {cache / 2**20:.0f} MiB last-level cache)."))

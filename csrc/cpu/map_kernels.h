@@ -13,23 +13,6 @@ namespace cpu {
 namespace DFA_CPU_ISA {
 namespace {
 
-template <typename T, typename A>
-inline void load(const T* __restrict x, A* __restrict out, int64_t L) {
-  for (int64_t i = 0; i < L; ++i) out[i] = static_cast<A>(x[i]);
-}
-
-// The block as accumulation-type values: the map itself when it already has that type (no copy),
-// else a converted copy in `tmp`.
-template <typename T, typename A>
-inline const A* view(const T* x, A* tmp, int64_t L) {
-  if constexpr (std::is_same_v<T, A>) {
-    return x;
-  } else {
-    load(x, tmp, L);
-    return tmp;
-  }
-}
-
 // Splits the block of flat offsets [g0, g0 + L) into runs over which the channel is constant
 // (NCHW-like layouts: fn(..., std::false_type)) or rises by one per element (channels innermost:
 // fn(..., std::true_type)), so margin lookups inside a run vectorise.
@@ -75,16 +58,106 @@ inline pack_t<A> loadu(const A* p) {
   return v;
 }
 
-// A pack of W map values converted to the accumulation type A.
+// 16- and 32-bit integer vectors with as many lanes as a float pack, for the bit-level bfloat16
+// conversions.
+typedef uint16_t half_lanes_t __attribute__((vector_size(Pack<float>::kWidth * 2)));
+typedef uint32_t word_lanes_t __attribute__((vector_size(Pack<float>::kWidth * 4)));
+
+template <typename To, typename From>
+inline To bit_cast_pack(const From& v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  __builtin_memcpy(&out, &v, sizeof(out));
+  return out;
+}
+
+// A pack of W map values converted to the accumulation type A.  bfloat16 is the top half of a
+// float, so widening it is a shift done on whole integer vectors (the scalar c10 conversion does
+// not vectorise); other 16-bit types convert one lane at a time.
 template <typename A, typename T>
 inline pack_t<A> load_as(const T* p) {
   if constexpr (std::is_same_v<T, A>) {
     return loadu(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+#if DFA_CPU_AVX2  // one vpmovzxwd from memory; GCC splits __builtin_convertvector into halves
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return bit_cast_pack<pack_t<A>>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+    half_lanes_t h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return bit_cast_pack<pack_t<A>>(__builtin_convertvector(h, word_lanes_t) << 16);
+#endif
   } else {
     pack_t<A> v;
     for (int k = 0; k < Pack<A>::kWidth; ++k) v[k] = static_cast<A>(p[k]);
     return v;
   }
+}
+
+// Stores a pack of A as W map values: c10's float -> bfloat16 rounding (to nearest even, NaN as
+// 0x7FC0) on whole integer vectors, bit for bit the scalar conversion; others lane by lane.
+template <typename T, typename P>
+inline void store_as(T* p, const P& v) {
+  using A = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (std::is_same_v<T, A>) {
+    __builtin_memcpy(p, &v, sizeof(v));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    const word_lanes_t u = bit_cast_pack<word_lanes_t>(v);
+    const word_lanes_t rounded = (u + ((u >> 16) & 1) + 0x7FFFu) >> 16;
+    const word_lanes_t nan = bit_cast_pack<word_lanes_t>(v != v);  // all ones in NaN lanes
+    const word_lanes_t bits = (rounded & ~nan) | ((word_lanes_t{} + 0x7FC0u) & nan);
+#if DFA_CPU_AVX2  // pack the 32-bit lanes to 16 bits (in-lane), then gather the two halves
+    const __m256i w = bit_cast_pack<__m256i>(bits);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#else
+    const half_lanes_t h = __builtin_convertvector(bits, half_lanes_t);
+    __builtin_memcpy(p, &h, sizeof(h));
+#endif
+  } else {
+    for (int k = 0; k < Pack<A>::kWidth; ++k) p[k] = static_cast<T>(v[k]);
+  }
+}
+
+template <typename A, typename P>
+inline void storeu(A* p, const P& v) {
+  static_assert(sizeof(P) == sizeof(pack_t<A>));
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// Calls pack_fn(i) for every whole pack of W elements from begin, then scalar_fn(i) for the tail.
+template <typename A, typename PackFn, typename ScalarFn>
+inline void elementwise(int64_t begin, int64_t end, PackFn&& pack_fn, ScalarFn&& scalar_fn) {
+  constexpr int W = Pack<A>::kWidth;
+  int64_t i = begin;
+  for (; i + W <= end; i += W) pack_fn(i);
+  for (; i < end; ++i) scalar_fn(i);
+}
+
+// The block as accumulation-type values: the map itself when it already has that type (no copy),
+// else a converted copy in `tmp`.
+template <typename T, typename A>
+inline const A* view(const T* __restrict x, A* __restrict tmp, int64_t L) {
+  if constexpr (std::is_same_v<T, A>) {
+    return x;
+  } else {
+    elementwise<A>(
+        0, L, [&](int64_t i) { storeu(tmp + i, load_as<A>(x + i)); }, [&](int64_t i) { tmp[i] = static_cast<A>(x[i]); });
+    return tmp;
+  }
+}
+
+// out[i] = T(value(i)) for i in [0, L): pack(i) gives W values from i, value(i) one.
+template <typename T, typename A, typename PackFn, typename ValueFn>
+inline void write(T* __restrict out, int64_t L, PackFn&& pack, ValueFn&& value) {
+  elementwise<A>(
+      0, L, [&](int64_t i) { store_as(out + i, pack(i)); }, [&](int64_t i) { out[i] = static_cast<T>(value(i)); });
+}
+
+// math::partial_l2_mask, packed.
+template <typename P>
+inline P partial_l2_mask_pack(const P& s, const P& t) {
+  return ((s > t) | (t > P{})) ? P{} + 1 : P{};
 }
 
 template <typename A>
@@ -137,13 +210,18 @@ struct SigmaRun {
     if constexpr (kHasMargin) return math::margin_relu_pass(static_cast<A>(x[i]), margin(i));
     return A(1);
   }
+  pack_t<A> margin_pack(int64_t i) const { return kPerElement ? loadu(m + (i - i0)) : pack_t<A>{} + mv; }
   pack_t<A> pack(int64_t i) const {
     const pack_t<A> v = load_as<A>(x + i);
     if constexpr (kHasMargin) {
-      const pack_t<A> mp = kPerElement ? loadu(m + (i - i0)) : pack_t<A>{} + mv;
+      const pack_t<A> mp = margin_pack(i);
       return v < mp ? mp : v;  // math::margin_relu, packed
     }
     return v;
+  }
+  pack_t<A> pass_pack(int64_t i) const {  // math::margin_relu_pass, packed
+    if constexpr (kHasMargin) return load_as<A>(x + i) < margin_pack(i) ? pack_t<A>{} : pack_t<A>{} + 1;
+    return pack_t<A>{} + 1;
   }
 };
 
@@ -192,65 +270,75 @@ inline void accumulate_group(const MapJob<T>& job, int j0, int64_t off, int64_t 
   A a[G];
   for (int g = 0; g < G; ++g) a[g] = job.alpha[j0 + g];
   for_each_sigma_run_group<G>(job, j0, off, L, [&](const auto& runs) {
-    const int64_t end = runs[0].i0 + runs[0].len;
-    if (j0 == 0) {
-      for (int64_t i = runs[0].i0; i < end; ++i) {
-        A v = a[0] * runs[0].value(i);
-        for (int g = 1; g < G; ++g) v += a[g] * runs[g].value(i);
-        out[i] = v;
-      }
-    } else {
-      for (int64_t i = runs[0].i0; i < end; ++i) {
-        A v = out[i];
-        for (int g = 0; g < G; ++g) v += a[g] * runs[g].value(i);
-        out[i] = v;
-      }
-    }
+    const bool first = j0 == 0;
+    elementwise<A>(
+        runs[0].i0, runs[0].i0 + runs[0].len,
+        [&](int64_t i) {
+          pack_t<A> v = first ? a[0] * runs[0].pack(i) : loadu(out + i) + a[0] * runs[0].pack(i);
+          for (int g = 1; g < G; ++g) v += a[g] * runs[g].pack(i);
+          storeu(out + i, v);
+        },
+        [&](int64_t i) {
+          A v = first ? a[0] * runs[0].value(i) : out[i] + a[0] * runs[0].value(i);
+          for (int g = 1; g < G; ++g) v += a[g] * runs[g].value(i);
+          out[i] = v;
+        });
   });
 }
 
 // sums[g] += <u, sigma_j(T_j)> for the G maps from j0 in one pass over u: G independent FMA
 // chains, u loaded once per pack, one horizontal sum per map and block.
-template <int G, typename T, typename A>
-inline void dot_group(const MapJob<T>& job, int j0, int64_t off, int64_t L, const A* __restrict u, double* sums) {
+template <int G, int U, typename T, typename A>
+inline void dot_group(const MapJob<T>& job, int j0, int64_t off, int64_t L, const A* const (&u)[U],
+                      double* const (&sums)[U]) {
   constexpr int W = Pack<A>::kWidth;
-  pack_t<A> acc[G] = {};
-  A tail[G] = {};
+  pack_t<A> acc[U][G] = {};
+  A tail[U][G] = {};
   for_each_sigma_run_group<G>(job, j0, off, L, [&](const auto& runs) {
-    const int64_t end = runs[0].i0 + runs[0].len;
-    int64_t i = runs[0].i0;
-    for (; i + W <= end; i += W) {
-      const pack_t<A> uv = loadu(u + i);
-      for (int g = 0; g < G; ++g) acc[g] += uv * runs[g].pack(i);
-    }
-    for (; i < end; ++i)
-      for (int g = 0; g < G; ++g) tail[g] += u[i] * runs[g].value(i);
+    elementwise<A>(
+        runs[0].i0, runs[0].i0 + runs[0].len,
+        [&](int64_t i) {
+          pack_t<A> uv[U];
+          for (int k = 0; k < U; ++k) uv[k] = loadu(u[k] + i);
+          for (int g = 0; g < G; ++g) {
+            const pack_t<A> x = runs[g].pack(i);
+            for (int k = 0; k < U; ++k) acc[k][g] += uv[k] * x;
+          }
+        },
+        [&](int64_t i) {
+          for (int g = 0; g < G; ++g) {
+            const A x = runs[g].value(i);
+            for (int k = 0; k < U; ++k) tail[k][g] += u[k][i] * x;
+          }
+        });
   });
-  for (int g = 0; g < G; ++g) {
-    A total = tail[g];
-    for (int w = 0; w < W; ++w) total += acc[g][w];
-    sums[g] += total;
-  }
+  for (int k = 0; k < U; ++k)
+    for (int g = 0; g < G; ++g) {
+      A total = tail[k][g];
+      for (int w = 0; w < W; ++w) total += acc[k][g][w];
+      sums[k][j0 + g] += total;
+    }
 }
 
 // Runs fn(std::integral_constant<int, G>{}, j0) over the K maps in groups of up to kGroup.
-template <typename Fn>
+template <int kGroup, typename Fn>
 inline void for_each_map_group(int K, Fn&& fn) {
-  constexpr int kGroup = 4;
   int j = 0;
   for (; j + kGroup <= K; j += kGroup) fn(std::integral_constant<int, kGroup>{}, j);
   switch (K - j) {
-    case 3: fn(std::integral_constant<int, 3>{}, j); break;
-    case 2: fn(std::integral_constant<int, 2>{}, j); break;
-    case 1: fn(std::integral_constant<int, 1>{}, j); break;
+    case 3: if constexpr (kGroup > 3) fn(std::integral_constant<int, 3>{}, j); break;
+    case 2: if constexpr (kGroup > 2) fn(std::integral_constant<int, 2>{}, j); break;
+    case 1: if constexpr (kGroup > 1) fn(std::integral_constant<int, 1>{}, j); break;
     default: break;
   }
 }
 
-// sums[j] += <u, sigma_j(T_j)> for every map j, four maps per pass over u.
-template <typename T, typename A>
-inline void map_dots(const MapJob<T>& job, int64_t off, int64_t L, const A* __restrict u, double* sums) {
-  for_each_map_group(job.K, [&](auto group, int j0) { dot_group<decltype(group)::value>(job, j0, off, L, u, sums + j0); });
+// sums[k][j] += <u_k, sigma_j(T_j)> for every map j and each of the U vectors u_k, in one pass over
+// the maps (each map pack is loaded and converted once for all U dots).  Groups of 4 / U maps keep
+// the U x G accumulators, U vectors and G maps within the 16 vector registers.
+template <int U, typename T, typename A>
+inline void map_dots(const MapJob<T>& job, int64_t off, int64_t L, const A* const (&u)[U], double* const (&sums)[U]) {
+  for_each_map_group<4 / U>(job.K, [&](auto group, int j0) { dot_group<decltype(group)::value>(job, j0, off, L, u, sums); });
 }
 
 // The gradient of every map from an upstream gradient u of the aggregation, for one block:
@@ -259,13 +347,15 @@ inline void map_dots(const MapJob<T>& job, int64_t off, int64_t L, const A* __re
 template <typename T, typename A>
 inline void map_grads_block(const MapJob<T>& job, int64_t off, int64_t L, const A* __restrict u, A scale,
                             T* const* grad_features, double* partials) {
-  if (partials != nullptr) map_dots(job, off, L, u, partials);
+  if (partials != nullptr) map_dots<1>(job, off, L, {u}, {partials});
   if (grad_features == nullptr) return;
   for (int j = 0; j < job.K; ++j) {
     T* __restrict out = grad_features[j] + off;
     const A a = scale * job.alpha[j];
     for_each_sigma_run(job, j, off, L, [&](const auto& run) {
-      for (int64_t i = run.i0; i < run.i0 + run.len; ++i) out[i] = static_cast<T>(a * u[i] * run.pass(i));
+      elementwise<A>(
+          run.i0, run.i0 + run.len, [&](int64_t i) { store_as(out + i, a * loadu(u + i) * run.pass_pack(i)); },
+          [&](int64_t i) { out[i] = static_cast<T>(a * u[i] * run.pass(i)); });
     });
   }
 }
@@ -273,7 +363,7 @@ inline void map_grads_block(const MapJob<T>& job, int64_t off, int64_t L, const 
 // out = sum_j alpha_j sigma_j(T_j) for one block, sigma fused into the accumulation.
 template <typename T, typename A>
 inline void aggregate_block(const MapJob<T>& job, int64_t off, int64_t L, A* __restrict out) {
-  for_each_map_group(job.K, [&](auto group, int j0) { accumulate_group<decltype(group)::value>(job, j0, off, L, out); });
+  for_each_map_group<4>(job.K, [&](auto group, int j0) { accumulate_group<decltype(group)::value>(job, j0, off, L, out); });
 }
 
 // Calls fn(item, sample, flat offset, length) for every block of work items [begin, end).
@@ -297,8 +387,7 @@ void aggregate_forward(const MapJob<T>& job, T* out, int64_t begin, int64_t end)
       aggregate_block(job, off, L, out + off);  // accumulate in place: no staging copy
     } else {
       aggregate_block(job, off, L, agg);
-      T* __restrict o = out + off;
-      for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(agg[i]);
+      write<T, A>(out + off, L, [&](int64_t i) { return loadu(agg + i); }, [&](int64_t i) { return agg[i]; });
     }
   });
 }
@@ -324,8 +413,7 @@ void bridge_forward(const MapJob<T>& job, const T* student, double* partials, in
     const A* __restrict s = view(student + off, sbuf, L);
     acc[0] += dot(s, s, L);
     aggregate_block(job, off, L, agg);
-    map_dots(job, off, L, s, acc + 1);      // <s, T_j>
-    map_dots(job, off, L, agg, acc + 1 + K);  // <A, T_j>: the maps are cache-hot by now
+    map_dots<2>(job, off, L, {s, agg}, {acc + 1, acc + 1 + K});  // <s, T_j> and <A, T_j>: the maps are cache-hot
   });
 }
 
@@ -338,16 +426,15 @@ void bridge_backward(const MapJob<T>& job, const T* student, const acc_type<T>* 
     const A cs = terms[4 * b], ca = terms[4 * b + 1], ea = terms[4 * b + 2], es = terms[4 * b + 3];
     const A* __restrict s = view(student + off, sbuf, L);
     aggregate_block(job, off, L, agg);
-    if (grad_student != nullptr) {
-      T* __restrict o = grad_student + off;
-      for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(cs * s[i] + ca * agg[i]);
-    }
+    if (grad_student != nullptr)
+      write<T, A>(
+          grad_student + off, L, [&](int64_t i) { return cs * loadu(s + i) + ca * loadu(agg + i); },
+          [&](int64_t i) { return cs * s[i] + ca * agg[i]; });
     if (grad_features != nullptr) {
       for (int64_t i = 0; i < L; ++i) tmp[i] = ea * agg[i] + es * s[i];  // dL/dA
       for (int j = 0; j < job.K; ++j) {
-        T* __restrict o = grad_features[j] + off;
         const A a = job.alpha[j];
-        for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(a * tmp[i]);
+        write<T, A>(grad_features[j] + off, L, [&](int64_t i) { return a * loadu(tmp + i); }, [&](int64_t i) { return a * tmp[i]; });
       }
     }
   });
@@ -365,8 +452,7 @@ void partial_l2_forward(const MapJob<T>& job, const T* student, double* partials
         L,
         [&](int64_t i) {
           const P sv = loadu(s + i), tv = loadu(t + i), d = sv - tv;
-          const P mask = ((sv > tv) | (tv > P{})) ? P{} + 1 : P{};  // partial_l2_mask, packed
-          return d * d * mask;
+          return d * d * partial_l2_mask_pack(sv, tv);
         },
         [&](int64_t i) {
           const A d = s[i] - t[i];
@@ -384,11 +470,15 @@ void partial_l2_backward(const MapJob<T>& job, const T* student, const acc_type<
     const A gb = grad[b];
     const A* __restrict s = view(student + off, sbuf, L);
     aggregate_block(job, off, L, e);
-    for (int64_t i = 0; i < L; ++i) e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]);
-    if (grad_student != nullptr) {
-      T* __restrict o = grad_student + off;
-      for (int64_t i = 0; i < L; ++i) o[i] = static_cast<T>(gb * e[i]);
-    }
+    elementwise<A>(
+        0, L,
+        [&](int64_t i) {
+          const pack_t<A> sv = loadu(s + i), tv = loadu(e + i);
+          storeu(e + i, A(2) * (sv - tv) * partial_l2_mask_pack(sv, tv));
+        },
+        [&](int64_t i) { e[i] = A(2) * (s[i] - e[i]) * math::partial_l2_mask(s[i], e[i]); });
+    if (grad_student != nullptr)
+      write<T, A>(grad_student + off, L, [&](int64_t i) { return gb * loadu(e + i); }, [&](int64_t i) { return gb * e[i]; });
     map_grads_block(job, off, L, e, -gb, grad_features, partials == nullptr ? nullptr : partials + item * job.K);
   });
 }

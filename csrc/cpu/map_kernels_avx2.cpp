@@ -6,9 +6,12 @@
 #include "map_job.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>  // declared for every target; callable from the AVX2 code below
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define DFA_CPU_ISA isa_avx2
+#define DFA_CPU_AVX2 1  // the #pragma target does not define __AVX2__
 #include "map_kernels.h"
 #pragma GCC pop_options
 
