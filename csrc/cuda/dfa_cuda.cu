@@ -7,15 +7,14 @@
 #include "kernel_choice.cuh"
 #include "map_kernels.cuh"
 #ifdef DFA_CUDA_OLD_KERNELS
-#include "old/map_kernels_v1.cuh"
+#include "old/old_backend.h"
 #endif
 
 namespace dfa {
 namespace cuda {
 
 #ifdef DFA_CUDA_OLD_KERNELS
-extern template struct CudaBackend<v1::Kernels>;  // instantiated in old/dfa_cuda_old.cu
-using RegisteredBackend = SwitchedBackend<CudaBackend<Kernels>, CudaBackend<v1::Kernels>>;
+using RegisteredBackend = SwitchedBackend<CudaBackend<Kernels>, OldBackend>;  // OldBackend: old/dfa_cuda_old.cu
 #else
 using RegisteredBackend = CudaBackend<Kernels>;
 #endif
