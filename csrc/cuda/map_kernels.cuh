@@ -62,6 +62,21 @@ __device__ __forceinline__ void copy_async(Packed& dst, const T* src, bool valid
   dst = valid ? *reinterpret_cast<const Packed*>(src) : Packed{};
 }
 
+// *dst = v as one 16-byte store: spelled out in PTX because, short of registers, the compiler may
+// otherwise split a vector into four 4-byte stores (it did for the first vector of each thread).
+template <typename Packed, typename T>
+__device__ __forceinline__ void store_vector(T* dst, const Packed& v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(Packed) == 16) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]),
+                 "r"(v.w[3])
+                 : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<Packed*>(dst) = v;
+}
+
 // Closes the copies issued since the last call into one group.
 __device__ __forceinline__ void commit_copies() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -163,7 +178,7 @@ struct Tile {
         memcpy(reinterpret_cast<char*>(v.w) + e * sizeof(T), &y, sizeof(T));
       }
     }
-    *reinterpret_cast<Packed*>(map + offset + it * kStride) = v;
+    store_vector(map + offset + it * kStride, v);
   }
 
   // The values of every vector: f(it, e) -> A.
