@@ -3,7 +3,9 @@
 CPU kernels are always built.  CUDA kernels (csrc/cuda/*.cu, when present) are built when
 CUDA_HOME points at a toolkit and either a GPU is visible or FORCE_CUDA=1; FORCE_CPU=1 skips them.
 With no GPU visible, TORCH_CUDA_ARCH_LIST defaults to DEFAULT_CUDA_ARCHS.  Set MAX_JOBS to bound
-parallel compile jobs and DFA_DEBUG=1 for an unoptimised build with symbols.
+parallel compile jobs and DFA_DEBUG=1 for an unoptimised build with symbols.  DFA_CUDA_OLD_KERNELS=1
+also builds the CUDA kernels before issue 25 (csrc/cuda/old/, one more translation unit), selectable
+at run time for A/B timing (DFA_CUDA_KERNELS=old or torch.ops.dfa.cuda_kernels("old")).
 
     pip install --no-build-isolation -e .        # uses the torch already installed
 """
@@ -48,6 +50,8 @@ def _sources(pattern: str) -> list[str]:
 def _extension():
     cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/common/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    old_kernels = _flag("DFA_CUDA_OLD_KERNELS")  # not by default: it would double the CUDA compile time
+    cuda_defines = ["-DDFA_WITH_CUDA"] + (["-DDFA_CUDA_OLD_KERNELS"] if old_kernels else [])
     debug = _flag("DFA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -Wno-psabi: the baseline build passes 32-byte packs between inline helpers (no ABI boundary).
@@ -75,13 +79,16 @@ def _extension():
         if not gpu_visible and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         nvcc_flags = opt + ["-lineinfo", "--threads", "2"]
+        if old_kernels:
+            cuda_sources += _sources("csrc/cuda/old/*.cu")
         ext = CUDAExtension(
             "dfa_ext._C",
             cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DDFA_WITH_CUDA"], "nvcc": nvcc_flags + ["-DDFA_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx_flags + cuda_defines, "nvcc": nvcc_flags + cuda_defines},
             extra_link_args=link_flags,
         )
-        built = f"cpu + cuda (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})"
+        built = (f"cpu + cuda{' + old cuda kernels' if old_kernels else ''} (CUDA_HOME={cuda_home}, "
+                 f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})")
     else:
         ext = CppExtension("dfa_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                            extra_link_args=link_flags)

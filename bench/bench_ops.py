@@ -39,22 +39,27 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int]:
     return b, c, h, w, k
 
 
-def make_case(op: str, shape, dtype, device, margins: bool, backward: bool = True, copies: int | None = None):
+def make_case(op: str, shape, dtype, device, margins: bool, backward: bool = True, copies: int | None = None,
+              memory_format: torch.memory_format = torch.contiguous_format):
     """Inputs and the forward+backward step (``backward=False``: the forward alone) for each
     implementation of one op, and the bytes a minimal fused implementation moves for it.
 
     ``copies`` independent input sets are made and each call of a step takes the next one, so that
     its inputs are out of the last-level cache (None: as many as ``harness.cold_copies`` says; 1:
-    the same inputs every call, which then stay cached when they fit)."""
+    the same inputs every call, which then stay cached when they fit). The maps are laid out in
+    ``memory_format`` (the trainers run channels_last)."""
     b, c, h, w, k = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
 
+    def a_map():
+        return torch.randn(b, c, h, w, generator=gen).to(device, dtype, memory_format=memory_format)
+
     def input_set():
-        features = [torch.randn(b, c, h, w, generator=gen).to(device, dtype) for _ in range(k)]
+        features = [a_map() for _ in range(k)]
         beta = torch.randn(k, generator=gen).to(device).requires_grad_()
-        student = torch.randn(b, c, h, w, generator=gen).to(device, dtype).requires_grad_()
+        student = a_map().requires_grad_()
         m = (0.5 * torch.randn(k, c, generator=gen) - 1).to(device) if margins else None
-        grad_map = torch.randn(b, c, h, w, generator=gen).to(device, dtype)
+        grad_map = a_map()
         grad_loss = torch.rand(b, generator=gen).to(device)
         if op == "aggregate":
             return (features, beta, m), [beta], grad_map

@@ -12,7 +12,8 @@ Load and store counts are static (instructions in the code, not executed ones). 
 the registers and shared memory allow a 256-thread block (``kThreads``), per SM:
 65,536 registers allocated per warp in units of 256 (a thread's count rounded up to 8), at most
 2,048 threads and 32 blocks, 228 KB (sm_90) or 164 KB (sm_80) of shared memory. Loads are counted
-per width (``LDG.E.128`` = 16 B per thread); a map kernel's hot loop should load 128-bit vectors.
+per width (``LDG.E.128`` = 16 B per thread), asynchronous copies to shared memory (``LDGSTS``,
+cp.async) among them and also apart; a map kernel's hot loop should load 128-bit vectors.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", 
               "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-O3", "-lineinfo", "-DDFA_WITH_CUDA",
               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-std=c++20"]
 MAP_THREADS = 256     # kThreads of csrc/cuda/map_kernels.cuh (the map kernels)
-REDUCE_THREADS = 128  # kReduceThreads (segment_column_sums)
+# the finishing column sums: kSumThreads (column_sums.cuh) and, in the old kernel set, kReduceThreads
+REDUCE_THREADS = {"column_sums_kernel": 256, "segment_column_sums_kernel": 128}
 SHARED_PER_SM = {"90": 228 * 1024, "80": 164 * 1024}
 # The kernels that stream the feature maps (the hot ones); the rest finish reductions over B or K.
 MAP_KERNELS = tuple(f"{op}_{direction}_kernel" for op in ("aggregate", "bridge", "partial_l2")
@@ -59,6 +61,7 @@ class KernelResources:
     blocks_per_sm: int | None
     loads: dict = field(default_factory=dict)   # SASS global load width (bits) -> count
     stores: dict = field(default_factory=dict)
+    async_copies: int = 0  # LDGSTS (cp.async global -> shared), also counted in loads
 
 
 def cuda_home() -> str:
@@ -153,8 +156,9 @@ def parse_ptxas(text: str) -> dict[str, dict]:
     return found
 
 
-def parse_sass(obj: Path, home: str) -> dict[str, tuple[Counter, Counter]]:
-    """Per mangled function: global load and store counts by width in bits."""
+def parse_sass(obj: Path, home: str) -> dict[str, tuple[Counter, Counter, Counter]]:
+    """Per mangled function: global load and store counts by width in bits, and the asynchronous
+    copies (LDGSTS) among the loads."""
     text = subprocess.run([tool("cuobjdump", home), "-sass", str(obj)], capture_output=True, text=True,
                           check=True).stdout
     widths: dict[str, tuple[Counter, Counter]] = {}
@@ -162,14 +166,16 @@ def parse_sass(obj: Path, home: str) -> dict[str, tuple[Counter, Counter]]:
     for line in text.splitlines():
         function = re.search(r"Function : (\S+)", line)
         if function:
-            current = widths.setdefault(function[1], (Counter(), Counter()))
+            current = widths.setdefault(function[1], (Counter(), Counter(), Counter()))
             continue
-        op = re.search(r"\b(LDG|STG)\.E((?:\.\w+)*)", line)
+        op = re.search(r"\b(LDGSTS|LDG|STG)\.E((?:\.\w+)*)", line)
         if op and current is not None:
             suffixes = op[2].split(".")
             bits = next((int(s) for s in suffixes if s in ("64", "128")), None)
             bits = bits or next((int(s[1:]) for s in suffixes if re.fullmatch(r"[US](8|16)", s)), 32)
-            current[0 if op[1] == "LDG" else 1][bits] += 1
+            current[1 if op[1] == "STG" else 0][bits] += 1
+            if op[1] == "LDGSTS":
+                current[2][bits] += 1
     return widths
 
 
@@ -180,26 +186,26 @@ def report(arch: str, home: str, work: Path) -> list[KernelResources]:
     rows = []
     for mangled, info in resources.items():
         kernel, dtype, vec = describe(names[mangled])
-        threads = MAP_THREADS if kernel in MAP_KERNELS else REDUCE_THREADS if kernel == "segment_column_sums_kernel" \
-            else None
-        loads, stores = sass.get(mangled, (Counter(), Counter()))
+        threads = MAP_THREADS if kernel in MAP_KERNELS else REDUCE_THREADS.get(kernel)
+        loads, stores, copies = sass.get(mangled, (Counter(), Counter(), Counter()))
         rows.append(KernelResources(
             arch, kernel, dtype, vec, info.get("registers", 0), info.get("spill_stores", 0), info.get("spill_loads", 0),
             info.get("stack", 0), info.get("shared", 0), threads,
             blocks_per_sm(info.get("registers", 0), info.get("shared", 0), threads, arch) if threads else None,
-            dict(sorted(loads.items())), dict(sorted(stores.items()))))
+            dict(sorted(loads.items())), dict(sorted(stores.items())), sum(copies.values())))
     return sorted(rows, key=lambda r: (r.arch, r.kernel, r.dtype, r.vec or 0))
 
 
 def markdown(rows: list[KernelResources]) -> str:
     lines = ["| sm | kernel | dtype | VEC | regs | spill st/ld B | smem B | blocks/SM (256 thr) | occupancy | "
-             "global loads by bits | stores by bits |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "global loads by bits | of them cp.async | stores by bits |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         occupancy = f"{100 * r.blocks_per_sm * r.threads / 2048:.0f} %" if r.blocks_per_sm else ""
         fmt = lambda counts: " ".join(f"{bits}:{n}" for bits, n in counts.items())  # noqa: E731
         lines.append(f"| {r.arch} | {r.kernel} | {r.dtype} | {r.vec or ''} | {r.registers} | "
                      f"{r.spill_stores}/{r.spill_loads} | {r.shared} | {r.blocks_per_sm or ''} | {occupancy} | "
-                     f"{fmt(r.loads)} | {fmt(r.stores)} |")
+                     f"{fmt(r.loads)} | {r.async_copies} | {fmt(r.stores)} |")
     return "\n".join(lines)
 
 

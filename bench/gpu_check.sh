@@ -3,7 +3,9 @@
 # the K = 65 crash (torch.ops.dfa.* called directly with 65 maps, each in a child process), run the
 # CUDA tests (python_tests/test_cuda.py, test_cuda_training.py, test_cuda_amp_training.py: fp16/bf16
 # autocast of every trainer, test_cuda_nccl.py: torchrun and the NCCL group) and the quick CPU value
-# tests, then the CUDA benchmarks of the ops and of a distillation step.
+# tests, then the old vs new CUDA kernels side by side (issue 25's A/B: the extension is built with
+# DFA_CUDA_OLD_KERNELS=1, bench/bench_cuda_ab.py switches sets with torch.ops.dfa.cuda_kernels) and the
+# CUDA benchmarks of the ops and of a distillation step.
 #
 #     bash bench/gpu_check.sh                 # from the repository root
 #     OUT=/some/dir bash bench/gpu_check.sh   # also keep the logs and bench_cuda.md there
@@ -15,6 +17,8 @@
 # Time: about 9.5 minutes in all.  Each step runs under `timeout`; the build gets up to 300 s, the
 # K = 65 diagnosis 120 s (about 20 s: four child processes; 30-60 s more when gdb traces a crash),
 # the CUDA tests 330 s (the autocast and NCCL files about 60 s and 30 s of it), the CPU tests 45 s,
+# the old vs new A/B table GPU_CHECK_AB_S (150 s: fp32, bf16, fp16, forward and forward+backward at
+# the large shape and the ResNet-56 -> ResNet-20 stage shapes, batch 128, channels_last),
 # the distillation-step benchmark GPU_CHECK_DISTILL_BENCH_S (100 s, with the step compiled as
 # --compile reduce-overhead does), the whole-epoch benchmark GPU_CHECK_EPOCH_BENCH_S (90 s: loader
 # vs data on the GPU, eager vs --compile) and the ops benchmark what is left of GPU_CHECK_BUDGET_S
@@ -25,7 +29,9 @@
 # Environment knobs: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda),
 # TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), MAX_JOBS (default 16), GPU_CHECK_BUDGET_S,
 # GPU_CHECK_PYTEST_STOP (default --maxfail=20; -x to stop at the first failure),
-# SKIP_BUILD=1 / SKIP_K65=1 / SKIP_TESTS=1 / SKIP_BENCH=1 to rerun only some steps on a warm machine,
+# SKIP_BUILD=1 / SKIP_K65=1 / SKIP_TESTS=1 / SKIP_AB=1 / SKIP_BENCH=1 to rerun only some steps on a warm
+# machine, GPU_CHECK_AB_ARGS (extra bench_cuda_ab.py arguments, e.g. "--dtypes float32 --repeats 3";
+# GPU_CHECK_AB_DEVICE=cpu runs the A/B step's mechanics on a machine without a GPU),
 # GPU_CHECK_K65_DEVICE (default cuda; cpu runs the diagnosis's mechanics on a machine without a GPU).
 set -u
 set -o pipefail
@@ -36,6 +42,8 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 DISTILL_BENCH_S=${GPU_CHECK_DISTILL_BENCH_S:-100}
 EPOCH_BENCH_S=${GPU_CHECK_EPOCH_BENCH_S:-90}
+AB_S=${GPU_CHECK_AB_S:-150}
+read -r -a AB_ARGS <<<"${GPU_CHECK_AB_ARGS:-}"
 HARD_LIMIT=570
 # Not -x: one failing test (test_cuda.py's direct K = 65 call, while that crash is open) must not
 # hide the trainer, autocast and NCCL files after it; 20 failures end the run early instead.
@@ -45,6 +53,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export FORCE_CUDA=1  # build the CUDA kernels even if torch cannot see the GPU (the tests then say so)
+export DFA_CUDA_OLD_KERNELS=1  # also the kernels before issue 25, for the A/B step (one more translation unit)
 export PYTHONUNBUFFERED=1
 
 if [ -n "${OUT:-}" ]; then
@@ -357,6 +366,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+AB_TABLE="$LOGS/bench_cuda_ab.md"
+if [ "${SKIP_AB:-0}" != 1 ]; then
+  section "old vs new CUDA kernels, same inputs (up to $(cap "$AB_S") s)"
+  rm -f "$AB_TABLE"
+  timeout -s INT -k 15 "$(cap "$AB_S")" "$PY" bench/bench_cuda_ab.py --device "${GPU_CHECK_AB_DEVICE:-cuda}" \
+    --markdown "$AB_TABLE" "${AB_ARGS[@]}" 2>&1 >"$LOGS/bench_ab_stdout.txt" | tee "$LOGS/bench_ab.log"
+  record "A/B old vs new" $?
+fi
+
+# ------------------------------------------------------------------------------------------------
 TABLE="$LOGS/bench_cuda.md"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   left=$((BUDGET - (SECONDS - START) - DISTILL_BENCH_S - EPOCH_BENCH_S))
@@ -391,6 +410,15 @@ fi
 if [ -s "$LOGS/k65_verdicts.txt" ]; then
   echo "  K = 65 diagnosis (details in $LOGS/k65.txt):"
   sed 's/^/    /' "$LOGS/k65_verdicts.txt"
+fi
+if [ "${SKIP_AB:-0}" != 1 ]; then
+  echo
+  if [ -s "$AB_TABLE" ]; then
+    cat "$AB_TABLE"
+  else
+    echo "no A/B table (the step failed or ran out of time); rows it finished:"
+    grep -vE "^(Traceback|  |\w+Error|KeyboardInterrupt)" "$LOGS/bench_ab.log" | tail -n 20
+  fi
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo

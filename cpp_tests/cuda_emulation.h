@@ -1,8 +1,9 @@
 // A small CPU emulation of the CUDA execution model, enough to run csrc/cuda's kernels on the host:
 // every block is run with one std::thread per CUDA thread, __shared__ variables are shared by the
-// threads of the (one running) block, __syncthreads is a block barrier and __shfl_down_sync a warp
-// exchange.  It exists so that the CUDA kernels' indexing, vectorisation, reductions and launch
-// logic are tested on machines without a GPU; include it before csrc/cuda/dfa_cuda.cu.
+// threads of the (one running) block, __syncthreads is a block barrier, __syncwarp a warp barrier and
+// the __shfl_*_sync a warp exchange; cp.async takes map_kernels.cuh's fallback, a plain copy.  It
+// exists so that the CUDA kernels' indexing, vectorisation, reductions and launch logic are tested
+// on machines without a GPU; include it before csrc/cuda/dfa_cuda.cu.
 #pragma once
 
 #include <barrier>
@@ -28,6 +29,7 @@ struct dim3 {
 inline thread_local dim3 threadIdx;
 inline thread_local dim3 blockIdx;
 inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
 using cudaStream_t = void*;
 
 namespace dfa_emu {
@@ -60,6 +62,7 @@ void launch(dim3 grid, int threads, Kernel kernel, Args... args) {
           threadIdx = dim3(t);
           blockIdx = dim3(bx, by);
           blockDim = dim3(threads);
+          gridDim = grid;
           current_block = &state;
           kernel(args...);
         });
@@ -78,18 +81,39 @@ void launch(int64_t blocks, int threads, Kernel kernel, Args... args) {
 
 inline void __syncthreads() { dfa_emu::current_block->block_barrier.arrive_and_wait(); }
 
-// All 32 lanes of the warp must call it (as on the device with a full mask).
-template <typename T>
-T __shfl_down_sync(unsigned /*mask*/, T value, unsigned offset) {
+// Lane `lane` of the calling warp gets the value lane source(lane) passed.  All 32 lanes of the warp
+// must call it (as on the device with a full mask).
+template <typename T, typename Source>
+T warp_exchange(T value, Source source) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   auto& warp = *dfa_emu::current_block->warps[threadIdx.x / 32];
   const unsigned lane = threadIdx.x % 32;
   std::memcpy(&warp.lanes[lane], &value, sizeof(T));
   warp.barrier.arrive_and_wait();
   T result = value;
-  if (lane + offset < 32) std::memcpy(&result, &warp.lanes[lane + offset], sizeof(T));
+  const unsigned from = source(lane);
+  if (from < 32) std::memcpy(&result, &warp.lanes[from], sizeof(T));
   warp.barrier.arrive_and_wait();
   return result;
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned /*mask*/, T value, unsigned offset) {
+  return warp_exchange(value, [&](unsigned lane) { return lane + offset; });  // past lane 31: own value
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T value, int mask) {
+  return warp_exchange(value, [&](unsigned lane) { return lane ^ unsigned(mask); });
+}
+
+template <typename T>
+T __shfl_sync(unsigned /*mask*/, T value, int src_lane) {
+  return warp_exchange(value, [&](unsigned) { return unsigned(src_lane) % 32; });
+}
+
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
+  dfa_emu::current_block->warps[threadIdx.x / 32]->barrier.arrive_and_wait();
 }
 
 #define DFA_LAUNCH(kernel, blocks, threads, stream, ...) ::dfa_emu::launch((blocks), (threads), kernel, __VA_ARGS__)

@@ -1,12 +1,14 @@
 // Runs the CUDA backend (csrc/cuda/dfa_cuda.cu and its kernels, compiled for the host) on CPU
 // tensors through cuda_emulation.h, and compares every op and gradient with the CPU kernels: the
 // CUDA code's indexing, 16-byte vector and scalar paths, channel lookup, chunking, reductions and
-// finishing kernels are checked without a GPU.  Also checks bitwise run-to-run determinism, the
+// finishing kernels are checked without a GPU, for both kernel sets (the default one and the old one
+// kept for A/B runs, old/map_kernels_v1.cuh).  Also checks bitwise run-to-run determinism, the
 // edge cases of the CUDA path (K = 64 maps, samples without elements, NaN inputs, too many maps)
 // and the finishing reduction over more rows than it has threads.
 #include "cuda_emulation.h"  // must come first: defines the CUDA built-ins the kernels use
 
 #include "../csrc/cuda/dfa_cuda.cu"
+#include "../csrc/cuda/old/map_kernels_v1.cuh"
 #include "test_support.h"
 
 #include <limits>
@@ -14,7 +16,8 @@
 namespace {
 
 using namespace dfa_test;
-using Emulated = dfa::cuda::CudaBackend;
+using New = dfa::cuda::CudaBackend<dfa::cuda::Kernels>;
+using Old = dfa::cuda::CudaBackend<dfa::cuda::v1::Kernels>;
 
 struct Case {
   std::vector<int64_t> shape;
@@ -131,8 +134,9 @@ void poison(const Tensor& t) {
   e.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
-void run_case(const Case& c) {
-  const std::string n = c.name();
+template <class Emulated>
+void run_case(const Case& c, const std::string& set) {
+  const std::string n = set + " " + c.name();
   const auto opts = at::TensorOptions().dtype(c.dtype);
   std::vector<Tensor> features;
   for (int j = 0; j < c.K; ++j) features.push_back(make_map(c, opts));
@@ -230,6 +234,7 @@ void run_case(const Case& c) {
 
 // K = 65 maps: every CUDA entry point raises the ValueError naming the 64-map limit (its map
 // pointers are passed to the kernels by value), before any kernel runs.
+template <class Emulated>
 void check_too_many_maps() {
   const int K = dfa::cuda::kMaxK + 1;
   const auto opts = at::TensorOptions().dtype(at::kFloat);
@@ -266,26 +271,29 @@ void check_too_many_maps() {
   }
 }
 
-// The finishing reduction over more rows than its 128 threads (a thread then adds rows r,
-// r + 128, ...), with a row weight per period of rows and a sign: the partial_l2 beta gradient
-// over B x chunks > 128 blocks.  Compared with the same sums in float64 on the host.
-void check_segment_sums_over_many_rows() {
-  using dfa::cuda::kReduceThreads;
-  const int64_t segments = 2, rows = 3 * kReduceThreads + 5, period = 3;
-  const int width = 3;
-  const Tensor x = at::randn({segments * rows, width}, at::kFloat);
-  const Tensor w = at::randn({(segments * rows + period - 1) / period}, at::kFloat);
-  Tensor out = at::empty({segments, width}, at::kDouble);
-  auto kernel = dfa::cuda::segment_column_sums_kernel<float>;
-  DFA_LAUNCH(kernel, dim3(segments, width), kReduceThreads, nullptr, x.const_data_ptr<float>(), rows, width,
-             w.const_data_ptr<float>(), period, -1.0, out.mutable_data_ptr<double>());
-  const Tensor row_w = w.to(at::kDouble).repeat_interleave(period).narrow(0, 0, segments * rows).unsqueeze(1);
-  const Tensor expected = -(x.to(at::kDouble) * row_w).view({segments, rows, width}).sum(1);
-  check_close(out, expected, "segment_column_sums over 389 rows per segment", 1e-12, 1e-12);
+// A kernel set's finishing reduction over more rows than a block has threads (the default set then
+// also sums several splits per segment), with a row weight per period of rows and a sign: the
+// partial_l2 beta gradient over B x chunks blocks.  Compared with the same sums in float64 on the host.
+template <class Kernels>
+void check_column_sums_over_many_rows(const std::string& set) {
+  for (const int width : {1, 3, 17}) {
+    const int64_t segments = 2, rows = 5000 + 7 * width, period = 3;
+    const Tensor x = at::randn({segments * rows, width}, at::kFloat);
+    const Tensor w = at::randn({(segments * rows + period - 1) / period}, at::kFloat);
+    Tensor out = at::empty({segments, width}, at::kDouble);
+    Tensor scratch = at::empty({Kernels::column_sums_scratch(segments, rows, width)}, at::kDouble);
+    Kernels::column_sums(nullptr, x.const_data_ptr<float>(), segments, rows, width, w.const_data_ptr<float>(), period,
+                         -1.0, out.mutable_data_ptr<double>(), scratch.mutable_data_ptr<double>());
+    const Tensor row_w = w.to(at::kDouble).repeat_interleave(period).narrow(0, 0, segments * rows).unsqueeze(1);
+    const Tensor expected = -(x.to(at::kDouble) * row_w).view({segments, rows, width}).sum(1);
+    check_close(out, expected, set + " column sums over " + std::to_string(rows) + " rows, width " +
+                std::to_string(width), 1e-12, 1e-12);
+  }
 }
 
 // bridge_st_loss's beta gradient alone (no map kernels) for B = 300 samples: the per-sample
 // finishing kernel runs 3 blocks (the last one partly past B) and the column sums 300 rows.
+template <class Emulated>
 void check_bridge_beta_grad_many_samples() {
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   const int K = 5;
@@ -326,6 +334,11 @@ int main() {
       {{2, 4, 8, 8}, 1, at::kDouble, CF, true, false},    {{2, 3, 5, 7}, 3, at::kDouble, CF, true, false},
       {{2, 8, 4, 4}, 2, at::kBFloat16, CF, true, false},  {{2, 8, 4, 4}, 2, at::kHalf, CL, true, false},
       {{2, 3, 5, 3}, 2, at::kBFloat16, CF, false, false},
+      // The default set's margin layouts: channels_last with C % VEC == 0 (a vector of margins per
+      // vector), NCHW whose inner size is not a multiple of VEC (the scalar path), and a 16-bit sample
+      // of two 8192-element chunks, the second one ragged.
+      {{2, 8, 4, 4}, 3, at::kFloat, CL, true, false},     {{2, 4, 3, 3}, 2, at::kFloat, CF, true, false},
+      {{1, 4, 48, 48}, 2, at::kBFloat16, CF, true, false},
       // The most maps per call (kMaxK sizes the map pointers of MapArgs / MapOutPtrs, alpha in shared
       // memory, the bridge's 2K + 1 = 129 per-warp sums and the finishing kernels' K-sized arrays).
       // The kernels have no other path that depends on K (each loops over j < K), so no K between
@@ -341,16 +354,25 @@ int main() {
   };
   for (const auto& c : cases) {
     try {
-      run_case(c);
+      run_case<New>(c, "new");
+      run_case<Old>(c, "old");
     } catch (const std::exception& e) {
       record(false, "case " + c.name(), std::string("threw: ") + e.what());
     }
   }
-  for (auto check : {check_too_many_maps, check_segment_sums_over_many_rows, check_bridge_beta_grad_many_samples}) {
+  const std::vector<std::pair<std::string, void (*)()>> checks = {
+      {"new too many maps", check_too_many_maps<New>},
+      {"old too many maps", check_too_many_maps<Old>},
+      {"new column sums", [] { check_column_sums_over_many_rows<dfa::cuda::Kernels>("new"); }},
+      {"old column sums", [] { check_column_sums_over_many_rows<dfa::cuda::v1::Kernels>("old"); }},
+      {"new bridge beta grad", check_bridge_beta_grad_many_samples<New>},
+      {"old bridge beta grad", check_bridge_beta_grad_many_samples<Old>},
+  };
+  for (const auto& [name, check] : checks) {
     try {
       check();
     } catch (const std::exception& e) {
-      record(false, "check", std::string("threw: ") + e.what());
+      record(false, "check " + name, std::string("threw: ") + e.what());
     }
   }
   return report("cuda_emulation_tests");

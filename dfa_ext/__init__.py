@@ -45,9 +45,12 @@ def kernels() -> dict:
     Returns a dict: ``cpu`` (CPU kernels built), ``cpu_isa`` (the build of them this process
     runs: ``"avx2"`` (AVX2 + FMA) or ``"default"`` (baseline x86-64, also under
     ``ATEN_CPU_CAPABILITY=default``); their float32 results differ in the last bits),
-    ``cuda_compiled`` (CUDA kernels built into the extension) and ``cuda`` (compiled *and* a GPU
-    is visible, so CUDA tensors run fused).
+    ``cuda_compiled`` (CUDA kernels built into the extension), ``cuda`` (compiled *and* a GPU
+    is visible, so CUDA tensors run fused) and ``cuda_kernels`` (the CUDA kernel set that runs:
+    ``"new"``, the default, or ``"old"``, the set before issue 25 in a build with
+    ``DFA_CUDA_OLD_KERNELS=1`` under ``DFA_CUDA_KERNELS=old``; None without CUDA kernels).
     """
     cuda_compiled = _has_kernel("CUDA")
     return {"cpu": _has_kernel("CPU"), "cpu_isa": torch.ops.dfa.cpu_kernel_isa(), "cuda_compiled": cuda_compiled,
-            "cuda": cuda_compiled and torch.cuda.is_available()}
+            "cuda": cuda_compiled and torch.cuda.is_available(),
+            "cuda_kernels": torch.ops.dfa.cuda_kernels() if cuda_compiled else None}

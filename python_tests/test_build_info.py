@@ -19,9 +19,10 @@ def test_cpu_kernels_present() -> None:
 
 def test_kernels_keys_and_types() -> None:
     info = dfa_ext.kernels()
-    assert set(info) == {"cpu", "cpu_isa", "cuda_compiled", "cuda"}
+    assert set(info) == {"cpu", "cpu_isa", "cuda_compiled", "cuda", "cuda_kernels"}
     assert info["cpu_isa"] in ("avx2", "default")
-    assert all(isinstance(v, bool) for k, v in info.items() if k != "cpu_isa")
+    assert info["cuda_kernels"] in (("new", "old") if info["cuda_compiled"] else (None,))
+    assert all(isinstance(v, bool) for k, v in info.items() if k not in ("cpu_isa", "cuda_kernels"))
 
 
 def _cpu_has_avx2_and_fma() -> bool:

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 import torch
 
+import dfa_ext
 from dfa_helpers import Inputs, make_inputs, seed_of
 
 EPS = 1e-12
@@ -107,7 +108,9 @@ def test_backward_ops_refuse_double_backward() -> None:
 
 def test_every_dfa_op_is_checked() -> None:
     """Every tensor operator of the dfa namespace appears in OPS (a new op must get an opcheck);
-    ``cpu_kernel_isa`` only reports build information (test_build_info checks it)."""
+    ``cpu_kernel_isa`` and, in CUDA builds, ``cuda_kernels`` only report build information
+    (test_build_info checks them)."""
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("dfa::")}
-    assert registered == set(OPS) | {"cpu_kernel_isa"}
+    info = {"cpu_kernel_isa"} | ({"cuda_kernels"} if dfa_ext.kernels()["cuda_compiled"] else set())
+    assert registered == set(OPS) | info
