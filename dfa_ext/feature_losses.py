@@ -3,7 +3,7 @@
 Each takes the student's and the teacher's feature maps of one layer pair, [B, C_s, H, W] and
 [B, C_t, H, W] (same B; the same H, W where the formula needs it), and returns a 0-dim tensor
 in float32 (float64 when the features are). The teacher's side is detached: no gradient reaches
-the teacher. The weights (hint weight, beta / 2, gamma) and the choice of layer pairs belong to
+the teacher. The weights (hint weight, beta, gamma) and the choice of layer pairs belong to
 the caller (``dfa_ext.distill.pair_losses``); the formulas live here only.
 """
 
@@ -65,7 +65,8 @@ def attention_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
         mean_{b, hw} (a_S - a_T)^2 = (1 / (B * H * W)) sum_b ||a_S,b - a_T,b||_2^2
 
     with a = :func:`attention_map` of each side. Student and teacher must share H, W (the channel
-    counts may differ). The caller weights the sum over pairs by beta / 2 (the paper's eq. 2)."""
+    counts may differ). The caller weights the sum over pairs by beta (the code's weighting; the
+    paper's eq. 2 writes beta / 2)."""
     _check_pair(student, teacher, "attention_loss", "batch and size")
     a_s, a_t = attention_map(student, p), attention_map(teacher, p).detach()
     dtype = torch.promote_types(a_s.dtype, a_t.dtype)

@@ -221,16 +221,16 @@ def test_fitnet_regresses_the_middle_groups_last_teacher_layer_through_the_st_co
                                    rtol=1e-12, atol=0)
 
 
-def test_at_sums_beta_over_two_times_each_groups_attention_loss_on_post_relu_outputs(digits):
+def test_at_sums_beta_times_each_groups_attention_loss_on_post_relu_outputs(digits):
     distiller = _distiller("at", digits, at_beta=300.0, at_p=2.0)
     images, labels = _batch()
     _, losses = distiller(images, labels)
     student, teacher = _outputs(distiller, images)
     pairs = [(s.last.clamp_min(0), t.layers[-1].clamp_min(0)) for s, t in zip(student.groups, teacher.groups)]
-    want = 150.0 * sum(_at_by_hand(s, t) for s, t in pairs)
+    want = 300.0 * sum(_at_by_hand(s, t) for s, t in pairs)
     torch.testing.assert_close(losses["at"], want, rtol=1e-12, atol=0)
     # Control: on the pre-activation outputs the loss is another number.
-    pre = 150.0 * sum(_at_by_hand(s.last, t.layers[-1]) for s, t in zip(student.groups, teacher.groups))
+    pre = 300.0 * sum(_at_by_hand(s.last, t.layers[-1]) for s, t in zip(student.groups, teacher.groups))
     assert abs(pre - want) > 1e-3 * want
     assert set(losses) == {"ce", "at"}
 

@@ -74,8 +74,8 @@ class DistillConfig(LoopConfig, DataOptions):
     kd_weight: float = option(0.9, "kd and METHOD+kd: loss = (1 - w) * CE + w * T^2 * KL (+ the feature loss)")
     hint_weight: float = option(100.0, "fitnet: weight of the hint loss, on the mean squared error of "
                                 "ST(S_i) and the teacher's T_i (RepDistiller's and mdistiller's 100)")
-    at_beta: float = option(1e3, "at: beta of (beta/2) sum_i w_i mean (a_S - a_T)^2 (Zagoruyko & "
-                            "Komodakis' 1e3; RepDistiller's and mdistiller's weight 1000 is beta 2e3 here)")
+    at_beta: float = option(1e3, "at: weight beta of beta * sum_i w_i mean (a_S - a_T)^2 (1e3: Zagoruyko & "
+                            "Komodakis' code, RepDistiller, mdistiller; the paper's eq. 2 writes beta/2, i.e. 500)")
     at_p: float = option(2.0, "at: the attention map is mean_c |f|^p, L2-normalised (the paper's p = 2)")
     sp_gamma: float = option(3e3, "sp: weight gamma of (1/B^2) ||G_S - G_T||_F^2 (Tung & Mori's 3000)")
     dkd_alpha: float = option(1.0, "dkd: weight of the target-class term TCKD (Zhao et al.'s 1)")

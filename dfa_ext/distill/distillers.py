@@ -230,16 +230,18 @@ class FitNetDistiller(FeatureLossDistiller):
 class ATDistiller(FeatureLossDistiller):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017), activation-based:
 
-        loss = CE + (beta / 2) * sum_i w_i * mean_{b,hw} (a_S,i - a_T,i)^2      (:class:`AttentionLoss`)
+        loss = CE + beta * sum_i w_i * mean_{b,hw} (a_S,i - a_T,i)^2      (:class:`AttentionLoss`)
 
     with a = vec(mean_c |f|^p) / ||vec(mean_c |f|^p)||_2 per sample, f the post-activation (ReLU)
     output of each group: teacher group i's last layer and the student's group i, every group with
     weight 1.
 
-    Defaults (source): beta = 1e3 and p = 2 (the paper, section 4.1 and eq. 2, whose beta / 2
-    multiplies the sum; the AT code's ``at_loss`` is this mean). RepDistiller (``-b 1000``) and
-    mdistiller (``FEAT_WEIGHT 1000``) multiply the same sum by 1000 without the 1/2, i.e.
-    ``--at-beta 2e3`` here; the paper's weight is the default.
+    Defaults (source): beta = 1e3 and p = 2 (the paper, section 4.1). The weighting is the code's:
+    the paper's eq. 2 writes beta / 2 before the sum, but its code (szagoruyko/attention-transfer
+    ``cifar.py``: ``opt.beta * sum(loss_groups)`` over ``at_loss`` = this mean), RepDistiller
+    (``--distill attention -b 1000``) and mdistiller (``CFG.AT.LOSS.FEAT_WEIGHT = 1000``) all
+    multiply the sum of the per-group means by 1000, and their published numbers come from that;
+    ``--at-beta 500`` is the eq. 2 reading.
     """
 
     term_name = "at"

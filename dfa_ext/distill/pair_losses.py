@@ -6,7 +6,7 @@ their spatial size), and sums a per-pair term with per-group weights w_i (``--st
 a zero weight skips the group) under one coefficient:
 
     fitnet:  hint_weight * sum_i w_i * mean (ST_i(S_i) - T_i)^2             (pre-activation S_i, T_i)
-    at:      (beta / 2)  * sum_i w_i * mean_{b,hw} (a(relu S_i) - a(relu T_i))^2
+    at:      beta        * sum_i w_i * mean_{b,hw} (a(relu S_i) - a(relu T_i))^2
     sp:      gamma       * sum_i w_i * ||G~(relu S_i) - G~(relu T_i)||_F^2 / B^2
 
 with the pure per-pair formulas in :mod:`dfa_ext.feature_losses`. Which features, and why:
@@ -146,11 +146,12 @@ class _ActivatedPairLoss(GroupPairLoss):
 
 
 class AttentionLoss(_ActivatedPairLoss):
-    """AT: ``(beta / 2) * sum_i w_i * attention_loss(relu S_i, relu T_i, p)`` (paper eq. 2)."""
+    """AT: ``beta * sum_i w_i * attention_loss(relu S_i, relu T_i, p)`` (as the AT code, RepDistiller
+    and mdistiller weight it; the paper's eq. 2 writes beta / 2, see :class:`ATDistiller`)."""
 
     def __init__(self, pairs: Sequence[GroupPair], weights: Sequence[float], beta: float = 1e3, p: float = 2.0, *,
                  student_activation: nn.Module, teacher_activation: nn.Module) -> None:
-        super().__init__(pairs, weights, beta / 2, student_activation=student_activation,
+        super().__init__(pairs, weights, beta, student_activation=student_activation,
                          teacher_activation=teacher_activation)
         if not p > 0:
             raise ConfigError(f"at_p must be > 0, got {p}")
