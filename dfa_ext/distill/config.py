@@ -16,7 +16,8 @@ from ..training.loop import LoopConfig
 # random: softmax of a random beta; fixed: the --alpha given; dfa: the searched alpha of
 # --aggregation); PAIR_METHODS: the feature baselines on each group's last teacher layer (fitnet:
 # hint regression; at: attention transfer; sp: similarity preserving). Either kind alone or with
-# Hinton's KD term beside it ("+kd", as FitNets, AT and SP combine with KD in their papers).
+# Hinton's KD term beside it ("+kd": FitNets' second stage is KD, the AT paper reports AT + KD;
+# sp+kd is offered alike). DKD reworks KD itself: it has no "+kd".
 FEATURE_METHODS = ("ofd", "uniform", "random", "fixed", "dfa")
 PAIR_METHODS = ("fitnet", "at", "sp")
 METHODS = ("vanilla", "kd", "dkd", *FEATURE_METHODS, *PAIR_METHODS,
