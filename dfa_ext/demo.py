@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -129,6 +129,19 @@ def comparison_text(runs: list[RunResult], reference: str = "dfa") -> tuple[str,
     return table, differences
 
 
+def search_note(methods: Sequence[str], seeds: Sequence[int], search_seed: int) -> str:
+    """The line under the table when DFA rows share one search: their ± is over stage-2 seeds
+    only (the search ran once, with ``search_seed``), so it leaves out the search's own variance,
+    which ``experiments/study.py compare`` includes by searching once per seed."""
+    dfa_rows = [m for m in methods if base_method(m) == "dfa"]
+    if not dfa_rows:
+        return ""
+    return (f"\nNote: {', '.join(dfa_rows)} used one search (seed {search_seed}) for all {len(seeds)} stage-2 "
+            f"seed{'s' if len(seeds) != 1 else ''}: {'their' if len(dfa_rows) > 1 else 'its'} ± and paired intervals "
+            "cover the stage-2 seeds only, not the search's own variance (experiments/study.py compare searches "
+            "once per seed).\n")
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
     """Runs (or resumes) every stage and returns the per-run results and the Markdown table."""
     config.validate()
@@ -179,6 +192,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     runs.sort(key=lambda r: order[(r.method, r.seed)])
 
     table, differences = comparison_text(runs)
+    table += search_note(config.methods, config.seeds, config.seed)
     if current_context().is_main:
         atomic_write_text(out / "results.md", table)
         atomic_write_text(out / "results.csv", csv_text(summarize(runs)))

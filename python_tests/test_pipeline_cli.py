@@ -55,6 +55,8 @@ def test_demo_writes_the_table_of_every_method(demo):
         assert f"| {method} | 2 |" in table
     for other in ("vanilla", "kd", "ofd"):  # DFA against every other method, paired by seed
         assert f"- dfa - {other}: " in table and "(paired over 2 seeds, 95 % CI [" in table
+    # one search for both seeds: the table says its ± leaves out the search's variance
+    assert "Note: dfa used one search (seed 0) for all 2 stage-2 seeds" in table
     summary = list(csv.DictReader((out / "results.csv").open()))
     runs = list(csv.DictReader((out / "runs.csv").open()))
     assert [row["method"] for row in summary] == list(METHODS)

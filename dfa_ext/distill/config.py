@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import option
@@ -10,12 +11,20 @@ from ..errors import ConfigError
 from ..kernels_switch import KERNEL_CHOICES
 from ..training.loop import LoopConfig
 
-# vanilla: CE only; kd: Hinton KD; the rest: feature distillation towards an aggregation of each
-# teacher group (ofd: its last layer; uniform: alpha = 1/K; random: softmax of a random beta;
-# fixed: the --alpha given; dfa: the searched alpha of --aggregation), alone or with Hinton's KD
-# term beside it ("+kd").
+# vanilla: CE only; kd: Hinton KD; dkd: decoupled KD; FEATURE_METHODS: the partial-L2 feature
+# loss towards an aggregation of each teacher group (ofd: its last layer; uniform: alpha = 1/K;
+# random: softmax of a random beta; fixed: the --alpha given; dfa: the searched alpha of
+# --aggregation); PAIR_METHODS: the feature baselines on each group's last teacher layer (fitnet:
+# hint regression; at: attention transfer; sp: similarity preserving). Either kind alone or with
+# Hinton's KD term beside it ("+kd": FitNets' second stage is KD, the AT paper reports AT + KD;
+# sp+kd is offered alike). DKD reworks KD itself: it has no "+kd".
 FEATURE_METHODS = ("ofd", "uniform", "random", "fixed", "dfa")
-METHODS = ("vanilla", "kd", *FEATURE_METHODS, *(f"{m}+kd" for m in FEATURE_METHODS))
+PAIR_METHODS = ("fitnet", "at", "sp")
+METHODS = ("vanilla", "kd", "dkd", *FEATURE_METHODS, *PAIR_METHODS,
+           *(f"{m}+kd" for m in (*FEATURE_METHODS, *PAIR_METHODS)))
+# The options each method reads besides the shared ones (a resumed run must keep them).
+METHOD_OPTIONS = {"fitnet": ("hint_weight",), "at": ("at_beta", "at_p"), "sp": ("sp_gamma",),
+                  "dkd": ("dkd_alpha", "dkd_beta", "dkd_warmup_epochs")}
 MARGIN_SOURCES = ("bn", "empirical")
 MARGIN_PLACES = ("layer", "aggregate")
 
@@ -23,6 +32,12 @@ MARGIN_PLACES = ("layer", "aggregate")
 def base_method(method: str) -> str:
     """The feature method of a "+kd" method ("dfa+kd" -> "dfa"); other names unchanged."""
     return method.removesuffix("+kd")
+
+
+def method_options(config: "DistillConfig") -> dict:
+    """The values of the options only ``config.method`` reads (``METHOD_OPTIONS``), e.g.
+    {"at_beta": 1000.0, "at_p": 2.0} for at and at+kd; {} for the methods that have none."""
+    return {name: getattr(config, name) for name in METHOD_OPTIONS.get(base_method(config.method), ())}
 
 
 @dataclass
@@ -35,26 +50,40 @@ class DistillConfig(LoopConfig, DataOptions):
     student: str | None = option("resnet8", "student network: a name (see `dfa models`) or an import path "
                                  "pkg.module:factory of your own (the factory returns a TappedNetwork)")
     student_options: dict = option({}, "extra arguments of the student network, as KEY=VALUE")
-    method: str = option("dfa", "vanilla (CE only), kd (Hinton), ofd (each group's last teacher layer), "
-                         "uniform / random aggregation, or dfa (the searched aggregation); METHOD+kd adds "
-                         "Hinton's KD term to a feature method ((1 - kd_weight) CE + KD + feature loss)",
-                         choices=METHODS)
+    method: str = option("dfa", "vanilla (CE only), kd (Hinton), dkd (decoupled KD), ofd (each group's last "
+                         "teacher layer), uniform / random aggregation, dfa (the searched aggregation), or "
+                         "the feature baselines fitnet (hint regression), at (attention transfer), sp "
+                         "(similarity preserving); METHOD+kd adds Hinton's KD term to a feature method "
+                         "((1 - kd_weight) CE + KD + feature loss)", choices=METHODS)
     aggregation: str | None = option(None, "search result of dfa search (search.json; in Python also the "
                                      "SearchResult run_search returns); needed by --method dfa")
     check_teacher_hash: bool = option(True, "refuse an aggregation searched with another teacher checkpoint "
                                       "file (same layers, other weights)")
     check_teacher_data: bool = option(True, "refuse a teacher trained, or an aggregation searched, on another dataset or image size")
     gamma_fd: float = option(1e-3, "weight of the partial-L2 feature loss (on its per-sample sum)")
-    stage_weights: tuple[float, ...] = option((), "weight of each group's feature loss (default OFD's "
-                                              "1/2^(G-1-i): 1 for the last group, halving towards the input)")
+    stage_weights: tuple[float, ...] = option((), "weight of each group's feature loss (default: OFD's "
+                                              "1/2^(G-1-i) for the partial-L2 methods, 1 for the last group "
+                                              "halving towards the input; fitnet: the middle group "
+                                              "(G-1)//2 only; at: 1 each; sp: the last group only)")
     margins: str = option("bn", "feature methods: the teacher's margins: bn (OFD's Gaussian estimate from the "
                           "BN before each feature) or empirical (E[x | x < 0] per channel, measured on the "
                           "training images)", choices=MARGIN_SOURCES)
     margin_place: str = option("layer", "feature methods: margin ReLU on each layer before aggregating (layer), "
                                "or once on the aggregation, with the margins of the aggregated feature "
                                "(aggregate: the paper's F_t(A))", choices=MARGIN_PLACES)
-    kd_temperature: float = option(4.0, "kd and METHOD+kd: softmax temperature T")
+    kd_temperature: float = option(4.0, "kd, dkd and METHOD+kd: softmax temperature T")
     kd_weight: float = option(0.9, "kd and METHOD+kd: loss = (1 - w) * CE + w * T^2 * KL (+ the feature loss)")
+    hint_weight: float = option(100.0, "fitnet: weight of the hint loss, on the mean squared error of "
+                                "ST(S_i) and the teacher's T_i (RepDistiller's and mdistiller's 100)")
+    at_beta: float = option(1e3, "at: weight beta of beta * sum_i w_i mean (a_S - a_T)^2 (1e3: Zagoruyko & "
+                            "Komodakis' code, RepDistiller, mdistiller; the paper's eq. 2 writes beta/2, i.e. 500)")
+    at_p: float = option(2.0, "at: the attention map is mean_c |f|^p, L2-normalised (the paper's p = 2)")
+    sp_gamma: float = option(3e3, "sp: weight gamma of (1/B^2) ||G_S - G_T||_F^2 (Tung & Mori's 3000)")
+    dkd_alpha: float = option(1.0, "dkd: weight of the target-class term TCKD (Zhao et al.'s 1)")
+    dkd_beta: float = option(8.0, "dkd: weight of the non-target-class term NCKD (Zhao et al.'s 8; "
+                             "mdistiller's res56->res20 and res110->res32 use 2)")
+    dkd_warmup_epochs: int = option(20, "dkd: the DKD term's weight rises linearly to 1 over this many "
+                                      "epochs (min(epoch / N, 1), epochs counted from 1; 0: no warm-up)")
     alpha: tuple[float, ...] = option((), "fixed: the weights of each group's K teacher layers, first to last "
                                      "(normalised to sum 1; the same in every group), e.g. 0 0.3 0.7")
     random_std: float = option(1.0, "random: beta ~ N(0, std^2)")
@@ -89,3 +118,9 @@ class DistillConfig(LoopConfig, DataOptions):
             raise ConfigError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if not 0 <= self.kd_weight <= 1:
             raise ConfigError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        for name in ("hint_weight", "at_beta", "sp_gamma", "dkd_alpha", "dkd_beta", "dkd_warmup_epochs"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):  # NaN fails the first test
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if not (self.at_p > 0 and math.isfinite(self.at_p)):
+            raise ConfigError(f"at_p must be a finite number > 0, got {self.at_p}")

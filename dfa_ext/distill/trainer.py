@@ -24,9 +24,11 @@ from ..training.networks import network_label, network_record, split_network_opt
 from ..training.run_options import resolve_device
 from ..training.seeding import preserved_rng, seed_everything
 from ..training.teacher import freeze, load_teacher
-from .config import DistillConfig, base_method
-from .distillers import Distiller, FeatureDistiller, KDDistiller, VanillaDistiller
+from .config import PAIR_METHODS, DistillConfig, base_method, method_options
+from .distillers import (ATDistiller, Distiller, DKDDistiller, FeatureDistiller, FitNetDistiller, KDDistiller,
+                         SPDistiller, VanillaDistiller)
 from .loss import aggregate_margins
+from .pair_losses import group_weights
 from .targets import GroupTarget, group_targets, stage_weights
 
 
@@ -113,6 +115,9 @@ def prepare_distill(config: DistillConfig, *, teacher: nn.Module | None = None, 
     signature = {key: settings[key] for key in (
         "method", "student", "student_options", "data", "data_options", "augment", "seed", "batch_size",
         "gamma_fd", "stage_weights", "kd_temperature", "kd_weight", "margins", "margin_place")}
+    # Only the methods that read options of their own sign them, so runs of the others, older
+    # runs included, keep the signature they had.
+    signature.update(method_options(config))
     signature.update(teacher=teacher_info, student_structure=structure_fingerprint(student),
                      data_size=len(bundle.train),
                      aggregation=distiller.aggregation() if isinstance(distiller, FeatureDistiller) else [])
@@ -133,10 +138,23 @@ def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teache
         return VanillaDistiller(student, None, record)
     if config.method == "kd":
         return KDDistiller(student, teacher, record, temperature=config.kd_temperature, weight=config.kd_weight)
+    if config.method == "dkd":
+        return DKDDistiller(student, teacher, record, alpha=config.dkd_alpha, beta=config.dkd_beta,
+                            temperature=config.kd_temperature, warmup_epochs=config.dkd_warmup_epochs)
     spec = data.spec
     method = base_method(config.method)
     input_shape = (spec.in_channels, spec.image_size, spec.image_size)
     pairs = models.pair_networks(teacher, student, input_shape)
+    kd = (config.kd_temperature, config.kd_weight) if config.method.endswith("+kd") else None
+    if method in PAIR_METHODS:
+        weights = group_weights(method, len(pairs), config.stage_weights)
+        if method == "fitnet":
+            return FitNetDistiller(student, teacher, record, pairs=pairs, weights=weights,
+                                   hint_weight=config.hint_weight, kd=kd)
+        if method == "at":
+            return ATDistiller(student, teacher, record, pairs=pairs, weights=weights, beta=config.at_beta,
+                               p=config.at_p, kd=kd)
+        return SPDistiller(student, teacher, record, pairs=pairs, weights=weights, gamma=config.sp_gamma, kd=kd)
     search = None
     if method == "dfa":
         if isinstance(config.aggregation, SearchResult):  # run_search's return value, in Python
@@ -158,8 +176,7 @@ def _make_distiller(config: DistillConfig, student: models.TappedNetwork, teache
     return FeatureDistiller(student, teacher, record, pairs=pairs, targets=targets,
                             margins=_margins(config, teacher, data, targets, aggregate_first),
                             weights=stage_weights(len(pairs), config.stage_weights),
-                            gamma_fd=config.gamma_fd, kernels=config.kernels, aggregate_first=aggregate_first,
-                            kd=(config.kd_temperature, config.kd_weight) if config.method.endswith("+kd") else None)
+                            gamma_fd=config.gamma_fd, kernels=config.kernels, aggregate_first=aggregate_first, kd=kd)
 
 
 def _margins(config: DistillConfig, teacher: nn.Module, data: DataBundle, targets: list[GroupTarget],

@@ -85,6 +85,11 @@ class TrainingTask(nn.Module):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by :func:`fit` before the batches of each epoch (0-based; again on resume), for a
+        loss that changes with the epoch (DKD's warm-up). Keep what it sets in a tensor buffer, not
+        a Python number: a compiled step would recompile for every new value."""
+
     def frozen_modules(self) -> Iterable[nn.Module]:
         """Modules that never learn (a teacher): they keep the preferred layout even when the
         trainable ones cannot use it (see ``RunOptions.memory_format_for``)."""
@@ -291,6 +296,7 @@ def fit(task: TrainingTask, data: DataBundle, config: LoopConfig, out_dir: str |
                     num_workers=config.num_workers, on_device=train_images, rank=dist.rank,
                     world_size=dist.world_size, pin_memory=device.type == "cuda")
                 sums = EpochSums(device, sums)
+                task.set_epoch(epoch)
                 task.train()
                 bar = progress_bar(config.progress and dist.is_main, steps_per_epoch, start_batch,
                                    f"epoch {epoch + 1}/{config.epochs}", fraction=None)  # + the epoch's line
