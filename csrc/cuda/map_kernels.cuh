@@ -325,15 +325,26 @@ struct MapStream {
 
 // ---------------------------------------------------------------------------------------------
 
+// Kernel prologues, as macros because __shared__ arrays must be declared in the kernel's scope.
+// (The per-map accumulation below stays written out in each kernel: moved into a force-inlined
+// helper, it made nvcc spill 52 B in the 16-bit partial_l2 forward; bench/test_cuda_resources.py.)
+// DFA_MAP_STREAM(first): the block's tile `tile` and its two-slot map stream `stream`, the first
+// map's copy (`first`) already in flight.  DFA_BLOCK_SUMS: the warp-partial accumulators `sums`.
+#define DFA_MAP_STREAM(first)                 \
+  const Tl tile(args);                        \
+  __shared__ typename Tl::Slot ring[2];       \
+  const MapStream<T, VEC> stream{ring, tile}; \
+  stream.start(first)
+#define DFA_BLOCK_SUMS                           \
+  __shared__ A warp_sums[kWarps][kMaxWidth]; \
+  BlockSums<A> sums{warp_sums}
+
 // out = sum_j alpha_j sigma_j(T_j).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, VEC>)) aggregate_forward_kernel(MapArgs<T> args, T* out) {
   using A = acc_type<T>;
   using Tl = Tile<T, VEC>;
-  const Tl tile(args);
-  __shared__ typename Tl::Slot ring[2];
-  const MapStream<T, VEC> stream{ring, tile};
-  stream.start(args.features[0]);
+  DFA_MAP_STREAM(args.features[0]);
   const WarpSoftmax<A> alpha(args.beta, args.K);
   const Margins<T, VEC> margins(args, tile);
   A agg[Tl::kItems] = {};
@@ -359,12 +370,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, VEC>))
                               acc_type<T>* partials) {
   using A = acc_type<T>;
   using Tl = Tile<T, VEC>;
-  __shared__ A warp_sums[kWarps][kMaxWidth];
-  BlockSums<A> sums{warp_sums};
-  const Tl tile(args);
-  __shared__ typename Tl::Slot ring[2];
-  const MapStream<T, VEC> stream{ring, tile};
-  stream.start(args.features[0]);
+  DFA_BLOCK_SUMS;
+  DFA_MAP_STREAM(args.features[0]);
   typename Tl::Raw g;  // the upstream gradient, kept as loaded
   tile.load(grad, g);
   const WarpSoftmax<A> alpha(args.beta, args.K);
@@ -398,13 +405,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, VEC>))
     bridge_forward_kernel(MapArgs<T> args, const T* student, acc_type<T>* partials) {
   using A = acc_type<T>;
   using Tl = Tile<T, VEC>;
-  __shared__ A warp_sums[kWarps][kMaxWidth];
-  BlockSums<A> sums{warp_sums};
-  const Tl tile(args);
+  DFA_BLOCK_SUMS;
   const int K = args.K;
-  __shared__ typename Tl::Slot ring[2];
-  const MapStream<T, VEC> stream{ring, tile};
-  stream.start(student);
+  DFA_MAP_STREAM(student);
   const WarpSoftmax<A> alpha(args.beta, K);
   A agg[Tl::kItems] = {};
   typename Tl::Raw s{};  // the student, kept as loaded
@@ -449,11 +452,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, VEC>))
                            MapOutPtrs<T> grad_features, bool write_features) {
   using A = acc_type<T>;
   using Tl = Tile<T, VEC>;
-  const Tl tile(args);
   const int K = args.K;
-  __shared__ typename Tl::Slot ring[2];
-  const MapStream<T, VEC> stream{ring, tile};
-  stream.start(args.features[0]);
+  DFA_MAP_STREAM(args.features[0]);
   const WarpSoftmax<A> alpha(args.beta, K);
   const int64_t b = blockIdx.x / static_cast<uint32_t>(args.chunks);
   const A cs = terms[4 * b], ca = terms[4 * b + 1], ea = terms[4 * b + 2], es = terms[4 * b + 3];
@@ -497,13 +497,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, VEC>))
     partial_l2_forward_kernel(MapArgs<T> args, const T* student, acc_type<T>* partials) {
   using A = acc_type<T>;
   using Tl = Tile<T, VEC>;
-  __shared__ A warp_sums[kWarps][kMaxWidth];
-  BlockSums<A> sums{warp_sums};
-  const Tl tile(args);
+  DFA_BLOCK_SUMS;
   const int K = args.K;
-  __shared__ typename Tl::Slot ring[2];
-  const MapStream<T, VEC> stream{ring, tile};
-  stream.start(args.features[0]);
+  DFA_MAP_STREAM(args.features[0]);
   const WarpSoftmax<A> alpha(args.beta, K);
   const Margins<T, VEC> margins(args, tile);
   A t[Tl::kItems] = {};
@@ -542,13 +538,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, VEC>))
                                MapOutPtrs<T> grad_features, bool write_features, acc_type<T>* partials) {
   using A = acc_type<T>;
   using Tl = Tile<T, VEC>;
-  __shared__ A warp_sums[kWarps][kMaxWidth];
-  BlockSums<A> sums{warp_sums};
-  const Tl tile(args);
+  DFA_BLOCK_SUMS;
   const int K = args.K;
-  __shared__ typename Tl::Slot ring[2];
-  const MapStream<T, VEC> stream{ring, tile};
-  stream.start(args.features[0]);
+  DFA_MAP_STREAM(args.features[0]);
   const WarpSoftmax<A> alpha(args.beta, K);
   const Margins<T, VEC> margins(args, tile);
   const A gb = grad[blockIdx.x / static_cast<uint32_t>(args.chunks)];
@@ -640,6 +632,9 @@ struct Kernels {
     cuda::column_sums(stream, x, segments, rows, width, row_weight, weight_period, sign, out, scratch);
   }
 };
+
+#undef DFA_MAP_STREAM
+#undef DFA_BLOCK_SUMS
 
 }  // namespace cuda
 }  // namespace dfa
