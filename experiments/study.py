@@ -6,6 +6,7 @@
     python experiments/study.py ablation
     python experiments/study.py oracle
     python experiments/study.py margins
+    python experiments/study.py probe      [--regimes NAME ...]   (3 seeds by default: --seeds)
 
 Each study is a list of ``dfa`` commands (printed, and logged to OUT/commands.log) run in worker
 processes, then a Markdown report (printed and written to OUT/STUDY.md) computed from the run
@@ -40,15 +41,22 @@ class Study:
     seeds: list[int]
     search_seeds: list[int]
     stages: list[list[list[str]]] = field(default_factory=list)
+    teacher_extra: list[str] = field(default_factory=list)  # options on top of the preset, every teacher run
+    student_extra: list[str] = field(default_factory=list)  # the same for every student run (search, distill)
+    teacher_dir: Path | None = None  # a teacher shared with other studies (default: OUT/teacher)
 
     # -- the runs every study is made of --------------------------------------------------------
 
     @property
+    def teacher_out(self) -> Path:
+        return self.teacher_dir if self.teacher_dir is not None else self.out / "teacher"
+
+    @property
     def teacher(self) -> str:
-        return str(self.out / "teacher" / "last.pt")
+        return str(self.teacher_out / "last.pt")
 
     def teacher_job(self) -> list[str]:
-        return ["train-teacher", "--preset", PRESET, "--out", str(self.out / "teacher"), *QUIET]
+        return ["train-teacher", "--preset", PRESET, "--out", str(self.teacher_out), *self.teacher_extra, *QUIET]
 
     def distill_dir(self, name: str, seed: int) -> Path:
         return self.out / "distill" / name / f"seed{seed}"
@@ -56,14 +64,14 @@ class Study:
     def distill_job(self, name: str, method: str, seed: int, *extra: str) -> list[str]:
         teacher = [] if method == "vanilla" else ["--teacher", self.teacher]
         return ["distill", "--preset", PRESET, "--method", method, *teacher, "--seed", str(seed),
-                "--out", str(self.distill_dir(name, seed)), *extra, *QUIET]
+                "--out", str(self.distill_dir(name, seed)), *self.student_extra, *extra, *QUIET]
 
     def search_dir(self, name: str, seed: int) -> Path:
         return self.out / "search" / name / f"seed{seed}"
 
     def search_job(self, name: str, seed: int, *extra: str) -> list[str]:
         return ["search", "--preset", PRESET, "--teacher", self.teacher, "--seed", str(seed),
-                "--out", str(self.search_dir(name, seed)), *extra, *QUIET]
+                "--out", str(self.search_dir(name, seed)), *self.student_extra, *extra, *QUIET]
 
     def results(self, names: list[str], seeds: list[int] | None = None) -> list[RunResult]:
         runs = []
@@ -262,9 +270,52 @@ def margins(study: Study, variants: list[str]) -> str:
     return lambda: method_table(study, ["ofd", "dfa", "dfa-aggregate", "dfa-empirical"], reference="dfa")
 
 
+# Issue 26's probe: a regime of the bundled data where feature distillation itself pays (OFD above
+# vanilla), the precondition of "DFA beats OFD where OFD helps"; in mnist-1k OFD costs accuracy.
+# name -> (data options: the teacher's and the students', student options, stage-2 options, OFD-only
+# options), each on top of the mnist-1k preset. The levers: student width, image size, epochs, gamma_fd
+# (gamma_fd alone, in the preset's regime, is the `gamma` study's).
+_DATA_28 = ["--data-options", "test_fraction=0.8", "image_size=28", "padding=2"]
+PROBE_REGIMES: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {
+    "w8-14px": ([], ["--student-options", "width=8"], [], []),
+    "w16-28px-e30": (_DATA_28, ["--student-options", "width=16"], ["--epochs", "30"], []),
+    "w16-28px-e30-g1e-2": (_DATA_28, ["--student-options", "width=16"], ["--epochs", "30"], ["--gamma-fd", "1e-2"]),
+    "w4-28px-e60": (_DATA_28, ["--student-options", "width=4"], ["--epochs", "60"], []),
+}
+
+
+def probe(study: Study, regimes: list[str]) -> str:
+    """vanilla, OFD and KD students in each regime of ``PROBE_REGIMES`` (its own teacher per data
+    setting, under OUT/probe/NAME), paired by seed: does OFD beat vanilla anywhere?"""
+    teachers: dict[str, Path] = {}  # data options -> the teacher trained on that data
+    subs: dict[str, Study] = {}
+    for name in regimes:
+        data, student, stage2, _ = PROBE_REGIMES[name]
+        default_teacher = study.out / "probe" / f"teacher-{len(teachers)}" if data else study.out / "teacher"
+        teacher_dir = teachers.setdefault(" ".join(data), default_teacher)
+        subs[name] = Study(study.out / "probe" / name, study.seeds, study.search_seeds, teacher_extra=list(data),
+                           student_extra=[*data, *student, *stage2], teacher_dir=teacher_dir)
+    jobs = [job for name, sub in subs.items() for s in study.seeds
+            for job in (sub.distill_job("vanilla", "vanilla", s),
+                        sub.distill_job("ofd", "ofd", s, *PROBE_REGIMES[name][3]),
+                        sub.distill_job("kd", "kd", s))]
+    first_of_each_teacher = {sub.teacher_dir: sub for sub in subs.values()}.values()
+    study.stages = [[sub.teacher_job() for sub in first_of_each_teacher], jobs]
+
+    def report() -> str:
+        text = ""
+        for name, sub in subs.items():
+            text += (f"\n### {name}: `{' '.join(sub.student_extra + PROBE_REGIMES[name][3]) or 'the preset'}`\n\n"
+                     f"Teacher: {final_top1(sub.teacher_out):.2f} % test top-1.\n\n")
+            text += method_table(sub, ["vanilla", "ofd", "kd"], reference="ofd")
+        return text
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["regime", "stability", "gamma", "compare", "ablation", "oracle", "margins"])
+    parser.add_argument("study", choices=["regime", "stability", "gamma", "compare", "ablation", "oracle", "margins",
+                                          "probe"])
     parser.add_argument("--gamma", nargs="+", default=["1e-3", "3e-4", "1e-4"], help="gamma: the values of --gamma-fd")
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -274,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="ablation: the objectives whose alpha is also distilled")
     parser.add_argument("--margins", nargs="*", default=["aggregate"], choices=["aggregate", "empirical"],
                         help="margins: the variants besides the default (aggregate is always run; add empirical)")
+    parser.add_argument("--regimes", nargs="+", default=list(PROBE_REGIMES), choices=list(PROBE_REGIMES),
+                        help="probe: the regimes to train")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--report-only", action="store_true", help="report the runs that exist; train nothing")
@@ -282,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {"regime": lambda: regime(study), "stability": lambda: stability(study, args.variants),
               "gamma": lambda: gamma(study, args.gamma), "compare": lambda: compare(study),
               "ablation": lambda: ablation(study, args.distilled), "oracle": lambda: oracle(study),
-              "margins": lambda: margins(study, args.margins)}[args.study]()
+              "margins": lambda: margins(study, args.margins),
+              "probe": lambda: probe(study, args.regimes)}[args.study]()
     log = study.out / "commands.log"
     study.out.mkdir(parents=True, exist_ok=True)
     for stage in study.stages:
