@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import make_case, parse_shape  # noqa: E402
-from harness import copy_bandwidth, markdown_table, median_time  # noqa: E402
+from harness import copy_bandwidth, emit_table, markdown_table, median_time  # noqa: E402
 
 LARGE = ["256x256x32x32x8"]
 RESNET56_TO_20 = ["128x16x32x32x9", "128x32x16x16x9", "128x64x8x8x9"]  # channels_last in training
@@ -80,11 +80,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (mechanics only: both sets are the CPU kernels)"
     title = (f"Old vs new CUDA kernels on {where}; torch {torch.__version__}; copy bandwidth "
              f"{copy_bps / 1e9:.1f} GB/s (read+write, same run); inputs cache-cold; margins on; 'cl' = channels_last.")
-    table = markdown_table(header, rows)
-    print(title + "\n\n" + table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(title + "\n\n" + table + "\n")
+    emit_table(title, markdown_table(header, rows), args.markdown)
 
 
 if __name__ == "__main__":

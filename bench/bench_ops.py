@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dfa_ext  # noqa: E402
 from dfa_ext import ops, reference  # noqa: E402
-from harness import (cold_copies, copy_bandwidth, last_level_cache_bytes, markdown_table, median_time,  # noqa: E402
+from harness import (cold_copies, copy_bandwidth, emit_table, last_level_cache_bytes, markdown_table, median_time,  # noqa: E402
                      peak_extra_bytes)
 
 DEFAULT_SHAPES = ["64x64x16x16x6", "128x128x8x8x9"]  # B x C x H x W x K
@@ -145,11 +145,7 @@ def main() -> None:
              f"copy bandwidth {copy_bps / 1e9:.1f} GB/s (read+write, same run); "
              + ("inputs reused (warm)." if args.warm else
                 f"inputs cache-cold (rotated sets totalling >= 4x the {cache / 2**20:.0f} MiB last-level cache)."))
-    table = markdown_table(header, rows)
-    print(title + "\n\n" + table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(title + "\n\n" + table + "\n")
+    emit_table(title, markdown_table(header, rows), args.markdown)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+def emit_table(title: str, table: str, markdown: str | None) -> None:
+    """Prints a benchmark's title and Markdown table, and writes both to ``markdown`` when given."""
+    print(title + "\n\n" + table)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(title + "\n\n" + table + "\n")
+
+
 def dfa_op_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
     """Seconds per fn() spent inside the ``dfa::`` ops, forward and backward (profiler: self CPU
     time on a CPU, kernel time on a GPU)."""
