@@ -114,3 +114,17 @@ def test_every_dfa_op_is_checked() -> None:
                   if name.startswith("dfa::")}
     info = {"cpu_kernel_isa"} | ({"cuda_kernels"} if dfa_ext.kernels()["cuda_compiled"] else set())
     assert registered == set(OPS) | info
+
+
+@pytest.mark.parametrize("op", ["aggregate", "partial_l2"])
+def test_margins_get_no_gradient(op: str) -> None:
+    """A gradient asked of the margins is refused at backward in one line naming them (the C++
+    autograd formula, csrc/autograd.cpp); detached margins pass (the control)."""
+    inp = make_inputs((2, 3, 4), 2, dtype=torch.float64, requires_grad=("beta",), seed=5)
+    margins = -torch.rand(2, 3, dtype=torch.float64)
+    call = {"aggregate": lambda m: torch.ops.dfa.aggregate(inp.features, inp.beta, m),
+            "partial_l2": lambda m: torch.ops.dfa.partial_l2(inp.student, inp.features, inp.beta, m)}[op]
+    with pytest.raises(RuntimeError, match=r"^dfa::\w+: 'margins' are constants and get no gradient; pass margins.detach\(\)$"):
+        call(margins.clone().requires_grad_()).sum().backward()
+    (grad_beta,) = torch.autograd.grad(call(margins).sum(), inp.beta)
+    assert torch.isfinite(grad_beta).all()
