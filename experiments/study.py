@@ -2,7 +2,7 @@
 
     python experiments/study.py regime     [--seeds 0 1 2 3 4] [--workers 2] [--out runs/study]
     python experiments/study.py stability  [--search-seeds 0 1 2]
-    python experiments/study.py compare    [--seeds ...]
+    python experiments/study.py compare    [--seeds ...] [--methods ...] [--preset NAME]
     python experiments/study.py ablation
     python experiments/study.py oracle
     python experiments/study.py margins
@@ -44,6 +44,7 @@ class Study:
     teacher_extra: list[str] = field(default_factory=list)  # options on top of the preset, every teacher run
     student_extra: list[str] = field(default_factory=list)  # the same for every student run (search, distill)
     teacher_dir: Path | None = None  # a teacher shared with other studies (default: OUT/teacher)
+    preset: str = PRESET  # the regime: every command runs with --preset PRESET
 
     # -- the runs every study is made of --------------------------------------------------------
 
@@ -56,21 +57,21 @@ class Study:
         return str(self.teacher_out / "last.pt")
 
     def teacher_job(self) -> list[str]:
-        return ["train-teacher", "--preset", PRESET, "--out", str(self.teacher_out), *self.teacher_extra, *QUIET]
+        return ["train-teacher", "--preset", self.preset, "--out", str(self.teacher_out), *self.teacher_extra, *QUIET]
 
     def distill_dir(self, name: str, seed: int) -> Path:
         return self.out / "distill" / name / f"seed{seed}"
 
     def distill_job(self, name: str, method: str, seed: int, *extra: str) -> list[str]:
         teacher = [] if method == "vanilla" else ["--teacher", self.teacher]
-        return ["distill", "--preset", PRESET, "--method", method, *teacher, "--seed", str(seed),
+        return ["distill", "--preset", self.preset, "--method", method, *teacher, "--seed", str(seed),
                 "--out", str(self.distill_dir(name, seed)), *self.student_extra, *extra, *QUIET]
 
     def search_dir(self, name: str, seed: int) -> Path:
         return self.out / "search" / name / f"seed{seed}"
 
     def search_job(self, name: str, seed: int, *extra: str) -> list[str]:
-        return ["search", "--preset", PRESET, "--teacher", self.teacher, "--seed", str(seed),
+        return ["search", "--preset", self.preset, "--teacher", self.teacher, "--seed", str(seed),
                 "--out", str(self.search_dir(name, seed)), *self.student_extra, *extra, *QUIET]
 
     def results(self, names: list[str], seeds: list[int] | None = None) -> list[RunResult]:
@@ -211,20 +212,32 @@ def dfa_jobs(study: Study, name: str, method: str, search: str, *extra: str) -> 
             for s in study.seeds]
 
 
-def compare(study: Study) -> str:
-    """Every method of ``COMPARED`` over the seeds (the baselines FitNet, AT, SP and DKD with their
-    papers' defaults, see ``dfa distill --help``); DFA with the default search recipe, one search
-    per seed."""
+def compare(study: Study, methods: list[str]) -> str:
+    """Each of ``methods`` (names of ``COMPARED``, ``COMPARED_VARIANTS`` or ofd+kd) over the seeds
+    (the baselines FitNet, AT, SP and DKD with their papers' defaults, see ``dfa distill --help``);
+    DFA with the default search recipe, one search per seed. ofd+kd runs on the first 3 seeds only."""
+    singles = [m for m in methods if m in COMPARED and "dfa" not in m]
     baselines = [study.distill_job(m, m, s, *(["--aggregation-seed", str(s)] if m == "random" else []))
-                 for m in COMPARED if "dfa" not in m and "+kd" not in m for s in study.seeds]
+                 for m in singles for s in study.seeds]
     baselines += [study.distill_job(name, method, s, *extra)
-                  for name, (method, extra) in COMPARED_VARIANTS.items() for s in study.seeds]
-    study.stages = [[study.teacher_job()], [*searches(study, "default"), *baselines],
-                    [*dfa_jobs(study, "dfa", "dfa", "default"),  # the combined methods last: the least needed
-                     *dfa_jobs(study, "dfa+kd", "dfa+kd", "default"),
-                     *(study.distill_job("ofd+kd", "ofd+kd", s) for s in study.seeds[:3])]]  # 3 seeds: time
-    return lambda: method_table(study, [*COMPARED, *COMPARED_VARIANTS], reference="dfa") + "\n" + method_table(
-        study, ["ofd+kd", "dfa+kd", "kd"], reference="dfa+kd")
+                  for name, (method, extra) in COMPARED_VARIANTS.items() if name in methods for s in study.seeds]
+    combined = [*(dfa_jobs(study, "dfa", "dfa", "default") if "dfa" in methods else []),  # the combined methods
+                *(dfa_jobs(study, "dfa+kd", "dfa+kd", "default") if "dfa+kd" in methods else []),  # last: the least needed
+                *(study.distill_job("ofd+kd", "ofd+kd", s) for s in study.seeds[:3] if "ofd+kd" in methods)]  # time
+    needs_search = any(m in methods for m in ("dfa", "dfa+kd"))
+    study.stages = [[study.teacher_job()], [*(searches(study, "default") if needs_search else []), *baselines],
+                    combined]
+
+    def report() -> str:
+        names = [m for m in (*COMPARED, *COMPARED_VARIANTS) if m in methods]
+        text = method_table(study, names, reference="dfa" if "dfa" in methods else None)
+        means = sorted(((statistics.fmean(v), n) for n in names
+                        if (v := [r.last_top1 for r in study.results([n])])), reverse=True)
+        text += "\nRanking by mean top-1: " + ", ".join(f"{i}. {n} {m:.2f}" for i, (m, n) in enumerate(means, 1)) + "\n"
+        if {"ofd+kd", "dfa+kd"} <= set(methods):
+            text += "\n" + method_table(study, ["ofd+kd", "dfa+kd", "kd"], reference="dfa+kd")
+        return text
+    return report
 
 
 def ablation(study: Study, distilled: list[str]) -> str:
@@ -301,7 +314,7 @@ def probe(study: Study, regimes: list[str]) -> str:
         default_teacher = study.out / "probe" / f"teacher-{len(teachers)}" if data else study.out / "teacher"
         teacher_dir = teachers.setdefault(" ".join(data), default_teacher)
         subs[name] = Study(study.out / "probe" / name, study.seeds, study.search_seeds, teacher_extra=list(data),
-                           student_extra=[*data, *student, *stage2], teacher_dir=teacher_dir)
+                           student_extra=[*data, *student, *stage2], teacher_dir=teacher_dir, preset=study.preset)
     jobs = [job for name, sub in subs.items() for s in study.seeds
             for job in (sub.distill_job("vanilla", "vanilla", s),
                         sub.distill_job("ofd", "ofd", s, *PROBE_REGIMES[name][3]),
@@ -324,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("study", choices=["regime", "stability", "gamma", "compare", "ablation", "oracle", "margins",
                                           "probe"])
     parser.add_argument("--gamma", nargs="+", default=["1e-3", "3e-4", "1e-4"], help="gamma: the values of --gamma-fd")
-    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--preset", default=PRESET, help="the regime (a dfa preset) of every command")
+    parser.add_argument("--out", default=None, help="default: runs/study, or runs/study-PRESET for another preset")
+    parser.add_argument("--methods", nargs="+", default=[*COMPARED, *COMPARED_VARIANTS, "ofd+kd"],
+                        choices=[*COMPARED, *COMPARED_VARIANTS, "ofd+kd"], help="compare: the methods")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(SEARCH_VARIANTS), choices=list(SEARCH_VARIANTS))
@@ -338,9 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--report-only", action="store_true", help="report the runs that exist; train nothing")
     args = parser.parse_args(argv)
-    study = Study(Path(args.out), args.seeds, args.search_seeds)
+    out = args.out or ("runs/study" if args.preset == PRESET else f"runs/study-{args.preset}")
+    study = Study(Path(out), args.seeds, args.search_seeds, preset=args.preset)
     report = {"regime": lambda: regime(study), "stability": lambda: stability(study, args.variants),
-              "gamma": lambda: gamma(study, args.gamma), "compare": lambda: compare(study),
+              "gamma": lambda: gamma(study, args.gamma), "compare": lambda: compare(study, args.methods),
               "ablation": lambda: ablation(study, args.distilled), "oracle": lambda: oracle(study),
               "margins": lambda: margins(study, args.margins),
               "probe": lambda: probe(study, args.regimes)}[args.study]()
