@@ -307,12 +307,13 @@ PROBE_REGIMES: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {
 def probe(study: Study, regimes: list[str]) -> str:
     """vanilla, OFD and KD students in each regime of ``PROBE_REGIMES`` (its own teacher per data
     setting, under OUT/probe/NAME), paired by seed: does OFD beat vanilla anywhere?"""
-    teachers: dict[str, Path] = {}  # data options -> the teacher trained on that data
+    # One teacher per data setting: the preset's data shares the studies' teacher, each other setting
+    # has OUT/probe/teacher-I, I its rank among the settings of PROBE_REGIMES (whichever regimes run).
+    settings = list(dict.fromkeys(" ".join(r[0]) for r in PROBE_REGIMES.values() if r[0]))
     subs: dict[str, Study] = {}
     for name in regimes:
         data, student, stage2, _ = PROBE_REGIMES[name]
-        default_teacher = study.out / "probe" / f"teacher-{len(teachers)}" if data else study.out / "teacher"
-        teacher_dir = teachers.setdefault(" ".join(data), default_teacher)
+        teacher_dir = study.out / "probe" / f"teacher-{settings.index(' '.join(data))}" if data else study.out / "teacher"
         subs[name] = Study(study.out / "probe" / name, study.seeds, study.search_seeds, teacher_extra=list(data),
                            student_extra=[*data, *student, *stage2], teacher_dir=teacher_dir, preset=study.preset)
     jobs = [job for name, sub in subs.items() for s in study.seeds

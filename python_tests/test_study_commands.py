@@ -101,3 +101,16 @@ def test_the_negative_control_a_bad_option_is_caught(study, bad):
     with pytest.raises((SystemExit, DfaError)):
         with contextlib.redirect_stderr(io.StringIO()):
             parsed_config(["distill", "--preset", "mnist-1k", "--method", "vanilla", *bad, "--out", "x"])
+
+
+def test_a_probe_regime_keeps_its_teacher_whichever_regimes_run(study, tmp_path):
+    """The teacher folder of a data setting does not depend on the --regimes list (it once was the
+    setting's rank among the regimes asked for: a report of other regimes read another folder)."""
+    def teachers(*regimes: str) -> dict[str, str]:
+        commands = dry_run(study, "probe", "--regimes", *regimes, "--seeds", "0", "--out", str(tmp_path))
+        return {c[c.index("--out") + 1].split("/probe/")[1].split("/")[0]: c[c.index("--teacher") + 1]
+                for c in commands if c[0] == "distill" and "--teacher" in c}
+
+    alone = teachers("w4-28px-e60")
+    together = teachers("w8-14px", "w4-28px-e60")
+    assert together["w4-28px-e60"] == alone["w4-28px-e60"] != together["w8-14px"]
