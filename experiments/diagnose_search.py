@@ -1,4 +1,4 @@
-"""Why a search finds what it finds: the measurements behind "Is the search stable?" in the README.
+"""Why a search finds what it finds: the measurements behind "Is the search stable?" in bench/RESULTS.md.
 
     python experiments/diagnose_search.py runs/study/teacher/last.pt [--seeds 0 1 2 3 4] [--warm 0 200]
 

@@ -13,7 +13,7 @@ from ..training.run_options import RunOptions
 
 OBJECTIVES = ("bridge", "st", "ts", "distill")
 ORDERS = ("first", "second")
-# The search recipe measured in the README ("Is the search stable?"): beta's gradient is noisy and
+# The search recipe measured in bench/RESULTS.md ("Is the search stable?"): beta's gradient is noisy and
 # at first dominated by the fresh student's random features, so beta waits while the weights warm
 # up for half of each group's steps, then moves for the other half. Shorter searches without a
 # warm-up found the seed's alpha; much longer ones drift back towards the first block.
