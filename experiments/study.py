@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
               "margins": lambda: margins(study, args.margins),
               "probe": lambda: probe(study, args.regimes)}[args.study]()
     log = study.out / "commands.log"
-    study.out.mkdir(parents=True, exist_ok=True)
+    if not args.dry_run:
+        study.out.mkdir(parents=True, exist_ok=True)
     for stage in study.stages:
         if args.dry_run:
             print("\n".join(command_line(j) for j in stage))

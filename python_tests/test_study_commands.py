@@ -72,13 +72,15 @@ def test_every_command_of_a_study_is_one_dfa_accepts(study, argv, tmp_path):
         assert str(config.out).startswith(str(tmp_path))
 
 
-def test_the_preset_reaches_every_command_and_the_default_folder(study):
+def test_the_preset_reaches_every_command_and_the_default_folder(study, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default folders are relative: nothing may land in the checkout
     commands = dry_run(study, "compare", "--preset", "mnist-1k", "--methods", "vanilla", "dfa", "--seeds", "0")
     assert all(c[c.index("--preset") + 1] == "mnist-1k" for c in commands)
     assert {c[0] for c in commands} == {"train-teacher", "search", "distill"}
     assert all(c[c.index("--out") + 1].startswith("runs/study/") for c in commands)
     other = dry_run(study, "compare", "--preset", "elsewhere", "--methods", "vanilla", "--seeds", "0")
     assert all(c[c.index("--out") + 1].startswith("runs/study-elsewhere/") for c in other)
+    assert not (tmp_path / "runs").exists()  # a dry run creates no folder
 
 
 def test_a_probe_regime_reaches_its_students_only(study, tmp_path):
