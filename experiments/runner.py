@@ -81,6 +81,12 @@ def top1_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
             if not math.isnan(float(r["test_top1"]))]
 
 
+def last_epoch(run_dir: str | os.PathLike) -> dict[str, float]:
+    """The training log's last row (metrics.csv: train_ce, each loss term train_*, train_top1, ...)."""
+    rows = list(csv.DictReader((Path(run_dir) / "metrics.csv").open()))
+    return {k: float(v) for k, v in rows[-1].items()}
+
+
 def searched_alpha(search_dir: str | os.PathLike) -> list[list[float]]:
     """Per group, the alpha a finished search found."""
     data = json.loads((Path(search_dir) / "search.json").read_text())

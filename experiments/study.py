@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runner import command_line, final_top1, run_jobs, searched_alpha, top1_curve  # noqa: E402
+from runner import command_line, final_top1, last_epoch, run_jobs, searched_alpha, top1_curve  # noqa: E402
 
 from dfa_ext.results_table import RunResult, paired_difference, summarize  # noqa: E402
 
@@ -195,8 +195,8 @@ def gamma(study: Study, values: list[str]) -> str:
 
 # The eleven methods of the comparison (every seed), and ofd+kd beside dfa+kd (3 seeds: time).
 COMPARED = ("vanilla", "kd", "ofd", "uniform", "random", "dfa", "fitnet", "at", "sp", "dkd", "dfa+kd")
-# Rows beside them, name -> (method, options). AT at its reference beta (1e3) barely learned here (one
-# seed: 72.97 % against vanilla's 94.55 %): its attention maps have 196/49/16 positions against
+# Rows beside them, name -> (method, options). AT at its reference beta (1e3) barely learns here (the
+# README's comparison): its attention maps have 196/49/16 positions against
 # CIFAR's 1024/256/64, and the mean squared difference of L2-normalised maps grows as 1/positions,
 # so the term is ~5x CIFAR's; at-b200 scales beta down by that ratio.
 COMPARED_VARIANTS: dict[str, tuple[str, list[str]]] = {"at-b200": ("at", ["--at-beta", "200"])}
@@ -234,10 +234,30 @@ def compare(study: Study, methods: list[str]) -> str:
         means = sorted(((statistics.fmean(v), n) for n in names
                         if (v := [r.last_top1 for r in study.results([n])])), reverse=True)
         text += "\nRanking by mean top-1: " + ", ".join(f"{i}. {n} {m:.2f}" for i, (m, n) in enumerate(means, 1)) + "\n"
+        runs = study.results(names)
+        if any(r.method == "vanilla" for r in runs):  # does the teacher pay at all?
+            text += "\n" + "".join(f"- {paired_difference(runs, n, 'vanilla').line()}\n" for n in names
+                                   if n != "vanilla" and any(r.method == n for r in runs))
+        text += "\n" + fit_table(study, names)
         if {"ofd+kd", "dfa+kd"} <= set(methods):
             text += "\n" + method_table(study, ["ofd+kd", "dfa+kd", "kd"], reference="dfa+kd")
         return text
     return report
+
+
+def fit_table(study: Study, names: list[str]) -> str:
+    """How each method fits its training set: at the last epoch, mean over seeds of the training
+    cross-entropy, the method's other loss terms (weighted, as logged) and training top-1."""
+    lines = ["| method | train CE | other terms | train top-1 % |", "|---|---:|---:|---:|"]
+    for name in names:
+        rows = [last_epoch(study.distill_dir(name, s)) for s in study.seeds
+                if not math.isnan(final_top1(study.distill_dir(name, s)))]
+        if rows:
+            other = statistics.fmean(sum(v for k, v in r.items() if k.startswith("train_")
+                                         and k not in ("train_ce", "train_top1")) for r in rows)
+            lines.append(f"| {name} | {statistics.fmean(r['train_ce'] for r in rows):.3f} | {other:.3f} | "
+                         f"{statistics.fmean(r['train_top1'] for r in rows):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def ablation(study: Study, distilled: list[str]) -> str:
@@ -313,7 +333,7 @@ def probe(study: Study, regimes: list[str]) -> str:
     subs: dict[str, Study] = {}
     for name in regimes:
         data, student, stage2, _ = PROBE_REGIMES[name]
-        teacher_dir = study.out / "probe" / f"teacher-{settings.index(' '.join(data))}" if data else study.out / "teacher"
+        teacher_dir = study.out / "probe" / f"teacher-{settings.index(' '.join(data))}" if data else study.teacher_out
         subs[name] = Study(study.out / "probe" / name, study.seeds, study.search_seeds, teacher_extra=list(data),
                            student_extra=[*data, *student, *stage2], teacher_dir=teacher_dir, preset=study.preset)
     jobs = [job for name, sub in subs.items() for s in study.seeds
@@ -329,6 +349,12 @@ def probe(study: Study, regimes: list[str]) -> str:
             text += (f"\n### {name}: `{' '.join(sub.student_extra + PROBE_REGIMES[name][3]) or 'the preset'}`\n\n"
                      f"Teacher: {final_top1(sub.teacher_out):.2f} % test top-1.\n\n")
             text += method_table(sub, ["vanilla", "ofd", "kd"], reference="ofd")
+            for method in ("vanilla", "ofd", "kd"):  # converged? the move between the last two evaluations
+                curves = [c for s in study.seeds if len(c := top1_curve(sub.distill_dir(method, s))) >= 2]
+                if curves:
+                    text += (f"\n{method}: top-1 change over the last {curves[0][-1][0] - curves[0][-2][0]} epochs "
+                             f"{mean_std([c[-1][1] - c[-2][1] for c in curves])} points")
+            text += "\n"
         return text
     return report
 
